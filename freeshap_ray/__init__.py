@@ -1,0 +1,23 @@
+"""freeshap_ray: Ray-native FreeShap instance attribution for language models.
+
+Public API: :func:`shapley`, :func:`load_kernel`, :class:`ValuesResult`, :func:`load_config`,
+:class:`JobConfig`, :func:`run_job`.
+"""
+
+from __future__ import annotations
+
+from .api import load_kernel, shapley
+from .config import JobConfig, load_config
+from .errors import FreeShapError
+from .values import ValuesResult
+
+__version__ = "0.1.0"
+
+__all__ = ["FreeShapError", "JobConfig", "ValuesResult", "load_config", "load_kernel", "run_job", "shapley", "__version__"]
+
+
+def run_job(cfg: JobConfig, **kwargs):
+    """Run the whole job (kernel + Shapley) described by ``cfg``; see :func:`freeshap_ray.pipeline.run_job`."""
+    from .pipeline import run_job as _run_job
+
+    return _run_job(cfg, **kwargs)

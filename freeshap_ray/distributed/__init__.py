@@ -1,0 +1,7 @@
+"""Ray orchestration (the only package that imports ray): runtime, kernel and Shapley jobs."""
+
+from __future__ import annotations
+
+from .runtime import ensure_ray, ray_runtime
+
+__all__ = ["ensure_ray", "ray_runtime"]

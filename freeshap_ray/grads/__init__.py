@@ -1,0 +1,7 @@
+"""Per-example Jacobians of label-word logits with ``torch.func`` (vmap over examples, no Python loop)."""
+
+from __future__ import annotations
+
+from .jacobian import flat_jacobian, selected_param_count
+
+__all__ = ["flat_jacobian", "selected_param_count"]

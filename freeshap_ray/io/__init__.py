@@ -1,0 +1,31 @@
+"""Result schemas and atomic Parquet/JSON I/O: the only place that knows the on-disk layout."""
+
+from __future__ import annotations
+
+from .atomic import atomic_path, write_json_atomic, write_parquet_atomic
+from .layout import Layout
+from .stores import (
+    load_kernel,
+    read_examples,
+    read_values,
+    write_examples,
+    write_kernel_manifest,
+    write_kernel_tile,
+    write_marginals,
+    write_values,
+)
+
+__all__ = [
+    "Layout",
+    "atomic_path",
+    "load_kernel",
+    "read_examples",
+    "read_values",
+    "write_examples",
+    "write_json_atomic",
+    "write_kernel_manifest",
+    "write_kernel_tile",
+    "write_marginals",
+    "write_parquet_atomic",
+    "write_values",
+]

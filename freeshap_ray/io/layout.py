@@ -1,0 +1,64 @@
+"""Where each artifact lives under a run's output directory.
+
+```
+OUT/manifest.json                      config, versions, per-stage timings
+OUT/train.parquet, OUT/test.parquet    index, id, text, label, label_name
+OUT/kernel/manifest.json               kind, shapes, blocks, tiles, parameter count, condition number
+OUT/kernel/train_train/tile-rRRRRR-cCCCCC.parquet   lower-triangular train×train tiles
+OUT/kernel/test_train/tile-rRRRRR-cCCCCC.parquet    test×train tiles
+OUT/shapley/marginals/part-NNNNN.parquet            per-permutation marginal contributions
+OUT/values.parquet                     one row per training example
+OUT/values_per_test.parquet            (per_test_point) one row per (training, test) pair
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one run's artifacts."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, root: str | Path) -> Layout:
+        return cls(Path(root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def examples(self, split: str) -> Path:
+        return self.root / f"{split}.parquet"
+
+    @property
+    def kernel_dir(self) -> Path:
+        return self.root / "kernel"
+
+    @property
+    def kernel_manifest(self) -> Path:
+        return self.kernel_dir / "manifest.json"
+
+    def kernel_tile(self, matrix: str, name: str) -> Path:
+        return self.kernel_dir / matrix / f"{name}.parquet"
+
+    @property
+    def marginals_dir(self) -> Path:
+        return self.root / "shapley" / "marginals"
+
+    def marginals_part(self, index: int) -> Path:
+        return self.marginals_dir / f"part-{index:05d}.parquet"
+
+    @property
+    def values(self) -> Path:
+        return self.root / "values.parquet"
+
+    @property
+    def values_per_test(self) -> Path:
+        return self.root / "values_per_test.parquet"

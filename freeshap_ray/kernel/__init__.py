@@ -1,0 +1,8 @@
+"""Empirical NTK: float64 tiles from per-example Jacobians, tiling plan, checks."""
+
+from __future__ import annotations
+
+from .ntk import condition_number, kernel_tile
+from .plan import Tile, blocks, tiles
+
+__all__ = ["Tile", "blocks", "condition_number", "kernel_tile", "tiles"]

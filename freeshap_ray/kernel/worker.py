@@ -1,0 +1,63 @@
+"""A plain kernel worker: holds one prompt classifier and computes Jacobian blocks and kernel tiles.
+
+No Ray here: ``freeshap_ray.distributed`` turns it into an actor with ``ray.remote(**resources)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..grads import flat_jacobian, selected_param_count
+from ..models import load_classifier, select_params
+from .ntk import kernel_tile
+
+__all__ = ["KernelWorker"]
+
+
+class KernelWorker:
+    """Loads the model once; ``jacobian`` and ``tile`` are called per block/tile.
+
+    Args:
+        model_dir: resolved local model directory.
+        model_cfg: template, label words, parameter selection.
+        kind: ``first_logit`` or ``full``.
+        threads: torch intra-op threads (match the CPUs reserved for this worker).
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, model_dir: str | Path, model_cfg: ModelConfig, kind: str, *, threads: int = 1, device: str = "cpu"):
+        torch.set_num_threads(max(1, threads))
+        self.kind = kind
+        self.clf = load_classifier(model_dir, model_cfg, attn_implementation="eager").to(device)
+        self.names = select_params(self.clf, model_cfg.params)
+        self.device = device
+
+    def info(self) -> dict:
+        """Selected parameter count and names (for the manifest)."""
+        return {
+            "n_params": selected_param_count(self.clf, self.names),
+            "n_param_tensors": len(self.names),
+            "n_classes": self.clf.n_classes,
+            "label_token_ids": self.clf.label_token_ids,
+            "model_kind": self.clf.kind,
+        }
+
+    def jacobian(self, texts: list[str]) -> np.ndarray:
+        """(B, C', P) float32 per-example Jacobians of a block of texts (on the host)."""
+        batch = self.clf.encode(texts)
+        return flat_jacobian(self.clf, batch, self.names, self.kind).cpu().numpy()
+
+    def tile(self, ja: np.ndarray, jb: np.ndarray, chunk: int) -> np.ndarray:
+        """float64 kernel tile between two Jacobian blocks (see :func:`kernel_tile`)."""
+        return kernel_tile(ja, jb, chunk=chunk)
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """(B, C) label-word logits of the classifier at its pretrained weights."""
+        batch = self.clf.encode(texts)
+        with torch.no_grad():
+            out = self.clf(batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.read_pos.to(self.device))
+        return out.cpu().numpy()

@@ -1,0 +1,57 @@
+"""Test helpers: small datasets and explicit-Jacobian reference kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import functional_call, jacrev
+
+from freeshap_ray.models import PromptClassifier
+
+TEXTS = [
+    "the movie was great",
+    "bad acting and a boring plot",
+    "i loved it",
+    "the worst film ever made , awful",
+    "a wonderful story with great music",
+    "dull",
+    "brilliant cast",
+    "i hated the ending and the script was a mess",
+    "fun and funny",
+]
+
+LABELS = ["positive", "negative", "positive", "negative", "positive", "negative", "positive", "negative", "positive"]
+
+TEMPLATES = {"llama": "{text} sentiment :", "bert": "{text} it was {mask} .", "bert-mlm": "{text} it was {mask} ."}
+
+
+def reference_jacobians(clf: PromptClassifier, texts: list[str], names: list[str]) -> torch.Tensor:
+    """(B, C, P) float64 Jacobians, one UNPADDED example at a time through the batched forward (jacrev)."""
+    params = {n: p.detach() for n, p in clf.named_parameters() if n in set(names)}
+    rows = []
+    for t in texts:
+        b = clf.encode([t])
+        jac = jacrev(lambda p: functional_call(clf, p, (b.input_ids, b.attention_mask, b.read_pos))[0])(params)
+        rows.append(torch.cat([jac[n].reshape(clf.n_classes, -1) for n in names], dim=1).double())
+    return torch.stack(rows)
+
+
+def reference_kernel(ja: torch.Tensor, jb: torch.Tensor, kind: str) -> np.ndarray:
+    """Explicit kernel from reference Jacobians: (Ba, Bb) first-logit or (Ba, Bb, C, C) full."""
+    if kind == "first_logit":
+        return (ja[:, 0] @ jb[:, 0].T).numpy()
+    return torch.einsum("icp,jdp->ijcd", ja, jb).numpy()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def write_csv(path, texts=TEXTS, labels=LABELS) -> str:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(zip(texts, labels))
+    return str(path)

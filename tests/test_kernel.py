@@ -1,0 +1,87 @@
+"""Kernel correctness against explicit per-example Jacobians (torch.func.jacrev), locally and on Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from freeshap_ray.config import KernelConfig, ModelConfig
+from freeshap_ray.grads import flat_jacobian
+from freeshap_ray.io import Layout, load_kernel
+from freeshap_ray.kernel import kernel_tile
+from freeshap_ray.models import load_classifier, resolve_model_path, select_params
+
+from .helpers import TEMPLATES, TEXTS, reference_jacobians, reference_kernel, rel_err
+
+ARCHS = ["llama", "bert", "bert-mlm"]
+
+
+def _setup(arch: str, params: str = "all"):
+    cfg = ModelConfig(path=f"tiny:{arch}", template=TEMPLATES[arch], label_words=("bad", "good"), params=params)
+    model_dir = resolve_model_path(cfg.path)
+    clf = load_classifier(model_dir, cfg)
+    return cfg, model_dir, clf, select_params(clf, cfg.params)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["first_logit", "full"])
+def test_block_kernel_matches_jacrev(arch, kind):
+    _, _, clf, names = _setup(arch)
+    texts = TEXTS[:5]  # different lengths → padding inside the block
+    j = flat_jacobian(clf, clf.encode(texts), names, kind).numpy()
+    ref = reference_jacobians(clf, texts, names)
+    k = kernel_tile(j, j, chunk=1000)  # several float64 parameter chunks
+    assert rel_err(k, reference_kernel(ref, ref, kind)) <= 1e-5
+
+
+def test_full_kernel_first_entry_is_first_logit_kernel():
+    _, _, clf, names = _setup("llama")
+    b = clf.encode(TEXTS[:4])
+    full = kernel_tile(*(2 * [flat_jacobian(clf, b, names, "full").numpy()]))
+    first = kernel_tile(*(2 * [flat_jacobian(clf, b, names, "first_logit").numpy()]))
+    np.testing.assert_allclose(full[..., 0, 0], first, rtol=1e-6, atol=1e-9)
+
+
+def test_head_equals_lm_logits_at_init():
+    """The label-word head reproduces the LM's own logits of the label words (causal LM)."""
+    import torch
+
+    from freeshap_ray.models import load_lm
+
+    cfg, model_dir, clf, _ = _setup("llama")
+    lm = load_lm(model_dir)
+    b = clf.encode(TEXTS[:3])
+    with torch.no_grad():
+        ours = clf(b.input_ids, b.attention_mask, b.read_pos)
+        full = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        theirs = full[torch.arange(3), b.read_pos][:, clf.label_token_ids]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,expect_blocks", [("last:1", {"1"}), ("last:0", set())])
+def test_last_k_selection(spec, expect_blocks):
+    _, _, clf, _ = _setup("llama")
+    names = select_params(clf, spec)
+    blocks = {n.split("layers.")[1].split(".")[0] for n in names if "layers." in n}
+    assert blocks == expect_blocks
+    assert "head.weight" in names and any(n.endswith("norm.weight") and "layers" not in n for n in names)
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "first_logit"), ("bert", "full"), ("bert-mlm", "first_logit")])
+def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind):
+    """Blocks of 2 examples over 2 actors: assembled train×train and test×train equal the reference."""
+    from freeshap_ray.distributed.kernel_job import compute_kernel
+
+    cfg, model_dir, clf, names = _setup(arch, params="last:1")
+    train, test = TEXTS[:5], TEXTS[5:8]
+    layout = Layout.of(tmp_path / "out")
+    kcfg = KernelConfig(kind=kind, block_size=2, num_actors=2, num_cpus_per_actor=0.5)
+    result = compute_kernel(train, test, model_dir, cfg, kcfg, layout, progress=False)
+    assert len(result.info["tiles"]["train_train"]) == 6 and len(result.info["tiles"]["test_train"]) == 6
+    kernel = load_kernel(layout.root)
+    suffix = "" if kind == "first_logit" else "_full"
+    rtr, rte = reference_jacobians(clf, train, names), reference_jacobians(clf, test, names)
+    assert rel_err(kernel["train_train" + suffix], reference_kernel(rtr, rtr, kind)) <= 1e-5
+    assert rel_err(kernel["test_train" + suffix], reference_kernel(rte, rtr, kind)) <= 1e-5
+    k = kernel["train_train" + suffix]
+    np.testing.assert_array_equal(k, k.swapaxes(0, 1) if kind == "first_logit" else k.transpose(1, 0, 3, 2))
