@@ -6,6 +6,11 @@ import os
 
 import pytest
 
+# Everything is offline: never let transformers/datasets try a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):
@@ -25,8 +30,9 @@ def ray_local():
     """A local Ray runtime shared by the tests that need one; shut down (only this one) at the end."""
     import ray
 
+    from freeshap_ray.distributed import init_local
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
+        init_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from freeshap_ray.shapley import (
+from freeshap_ray.valuation import (
     empty_utility,
     exact_shapley,
     full_utility,

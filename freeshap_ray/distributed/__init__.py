@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .runtime import ensure_ray, ray_runtime
+from .runtime import ensure_ray, init_local, ray_runtime
 
-__all__ = ["ensure_ray", "ray_runtime"]
+__all__ = ["ensure_ray", "init_local", "ray_runtime"]

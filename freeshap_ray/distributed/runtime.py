@@ -13,13 +13,42 @@ from collections.abc import Iterator
 
 import ray
 
-__all__ = ["ray_runtime", "ensure_ray"]
+__all__ = ["ray_runtime", "ensure_ray", "init_local"]
 
 log = logging.getLogger(__name__)
 
 
 def _resolve_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _force_loopback() -> None:
+    """Make Ray resolve this node's IP to 127.0.0.1.
+
+    Ray rewrites ``_node_ip_address="127.0.0.1"`` to the machine's external address unless multi-node
+    clusters are disabled, as Ray does on macOS/Windows. Disabling them (in this process, and through the
+    environment in the raylet and workers it starts) makes GCS, raylet and workers listen on loopback only.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # pragma: no cover - future Ray versions
+        log.warning("could not pin Ray to 127.0.0.1; the embedded runtime may listen on other interfaces")
+
+
+def init_local(num_cpus: int | None = None, *, include_dashboard: bool = False, log_to_driver: bool = True) -> None:
+    """Start an embedded single-node Ray bound to 127.0.0.1."""
+    _force_loopback()
+    log.info("starting embedded Ray on 127.0.0.1 (num_cpus=%s)", num_cpus)
+    ray.init(
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=include_dashboard,
+        configure_logging=False,
+        log_to_driver=log_to_driver,
+    )
 
 
 @contextlib.contextmanager
@@ -38,16 +67,9 @@ def ray_runtime(
     addr = _resolve_address(address)
     if addr:
         log.info("connecting to Ray cluster at %s", addr)
-        ray.init(address=addr, log_to_driver=True)
+        ray.init(address=addr)
     else:
-        log.info("starting embedded Ray on 127.0.0.1 (num_cpus=%s)", num_cpus)
-        ray.init(
-            num_cpus=num_cpus,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=include_dashboard,
-            configure_logging=False,
-            log_to_driver=True,
-        )
+        init_local(num_cpus, include_dashboard=include_dashboard)
     try:
         yield
     finally:
@@ -55,13 +77,15 @@ def ray_runtime(
 
 
 def ensure_ray() -> None:
-    """Initialise an embedded local Ray (127.0.0.1) if none is running; used by the Python API.
+    """Initialise Ray if it is not running (``RAY_ADDRESS`` if set, else embedded on 127.0.0.1).
 
-    The runtime stays up for the rest of the process (like ``ray`` itself does on first use).
+    Used by the Python API; the runtime then stays up for the rest of the process, as ``ray`` itself
+    does on first use.
     """
-    if not ray.is_initialized():
-        addr = _resolve_address(None)
-        if addr:
-            ray.init(address=addr)
-        else:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False)
+    if ray.is_initialized():
+        return
+    addr = _resolve_address(None)
+    if addr:
+        ray.init(address=addr)
+    else:
+        init_local(include_dashboard=False)

@@ -15,7 +15,7 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from ..shapley import PermutationResult, full_utility, permutation_for, run_permutation
+from ..valuation import PermutationResult, full_utility, permutation_for, run_permutation
 from ..utility import RegressionProblem, UtilitySpec
 from ..values import ValuesResult
 

@@ -1,4 +1,7 @@
-"""Shapley estimation over the kernel-regression utility: TMC permutations and exact enumeration."""
+"""Shapley estimation over the kernel-regression utility: TMC permutations and exact enumeration.
+
+Named `valuation` (not `shapley`) so that the public function `freeshap_ray.shapley` is not shadowed.
+"""
 
 from __future__ import annotations
 

