@@ -67,7 +67,7 @@ def test_last_k_selection(spec, expect_blocks):
     assert "head.weight" in names and any(n.endswith("norm.weight") and "layers" not in n for n in names)
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "first_logit"), ("bert", "full"), ("bert-mlm", "first_logit")])
+@pytest.mark.parametrize("arch,kind", [("llama", "first_logit"), ("llama", "full"), ("bert", "first_logit"), ("bert", "full")])
 def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind):
     """Blocks of 2 examples over 2 actors: assembled train×train and test×train equal the reference."""
     from freeshap_ray.distributed.kernel_job import compute_kernel

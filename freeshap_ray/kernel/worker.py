@@ -32,7 +32,7 @@ class KernelWorker:
     def __init__(self, model_dir: str | Path, model_cfg: ModelConfig, kind: str, *, threads: int = 1, device: str = "cpu"):
         torch.set_num_threads(max(1, threads))
         self.kind = kind
-        self.clf = load_classifier(model_dir, model_cfg, attn_implementation="eager").to(device)
+        self.clf = load_classifier(model_dir, model_cfg).to(device)
         self.names = select_params(self.clf, model_cfg.params)
         self.device = device
 

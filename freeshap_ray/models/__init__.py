@@ -25,7 +25,11 @@ __all__ = [
 ]
 
 
-def load_classifier(model_dir: str | Path, cfg, *, attn_implementation: str | None = None) -> PromptClassifier:
-    """Load a resolved model directory as a :class:`PromptClassifier` per a ``ModelConfig``."""
+def load_classifier(model_dir: str | Path, cfg, *, attn_implementation: str | None = "eager") -> PromptClassifier:
+    """Load a resolved model directory as a :class:`PromptClassifier` per a ``ModelConfig``.
+
+    Eager attention by default: the classifier exists to be differentiated per example under
+    ``torch.func.vmap``, where fused SDPA has no batching rule and falls back to a slow loop.
+    """
     lm = load_lm(model_dir, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn_implementation)
     return PromptClassifier(lm, cfg.template, cfg.label_words, cfg.max_length)
