@@ -1,7 +1,7 @@
 """freeshap_ray: Ray-native FreeShap instance attribution for language models.
 
 Public API: :func:`shapley`, :func:`load_kernel`, :class:`ValuesResult`, :func:`load_config`,
-:class:`JobConfig`, :func:`run_job`.
+:class:`JobConfig`, :func:`run_job`, :func:`reagent_attribute` (ReAGent token attribution of a causal LM).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from .values import ValuesResult
 
 __version__ = "0.1.0"
 
-__all__ = ["FreeShapError", "JobConfig", "ValuesResult", "load_config", "load_kernel", "run_job", "shapley", "__version__"]
+__all__ = [
+    "FreeShapError", "JobConfig", "ValuesResult", "load_config", "load_kernel", "reagent_attribute", "run_job", "shapley",
+    "__version__",
+]
 
 
 def run_job(cfg: JobConfig, **kwargs):
@@ -21,3 +24,12 @@ def run_job(cfg: JobConfig, **kwargs):
     from .pipeline import run_job as _run_job
 
     return _run_job(cfg, **kwargs)
+
+
+def __getattr__(name: str):
+    # reagent_attribute imports torch/transformers: load it on first use, not with the package.
+    if name == "reagent_attribute":
+        from .reagent.api import reagent_attribute
+
+        return reagent_attribute
+    raise AttributeError(f"module 'freeshap_ray' has no attribute {name!r}")

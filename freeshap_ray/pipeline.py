@@ -15,10 +15,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import JobConfig, config_to_dict
 from .data import Splits, load_splits
 from .errors import OutputError
-from .io import Layout, load_kernel, read_examples, write_examples, write_json_atomic, write_marginals, write_values
+from .io import (
+    Layout,
+    MarginalsStore,
+    load_kernel,
+    read_examples,
+    write_examples,
+    write_json_atomic,
+    write_kernel_manifest,
+    write_values,
+)
 from .kernel import condition_number
 from .models import load_classifier, resolve_model_path, select_params
 from .utility import RegressionProblem
@@ -59,31 +70,57 @@ def _guard(paths: list[Path], overwrite: bool, what: str) -> None:
 
 
 class KernelStage:
-    """Validated inputs of the kernel stage (nothing written yet)."""
+    """Validated inputs of the kernel stage (nothing written yet).
 
-    def __init__(self, cfg: JobConfig, splits: Splits, model_dir: Path):
+    Attributes:
+        param_names, param_sizes: the selected parameters (model order) and their sizes.
+        model_info: label-token ids and model kind, for the manifest.
+        resume: finished tiles of an interrupted run with the same plan are kept.
+    """
+
+    def __init__(self, cfg: JobConfig, splits: Splits, model_dir: Path, param_names: list[str],
+                 param_sizes: list[int], model_info: dict[str, Any], resume: bool):
         self.cfg, self.splits, self.model_dir = cfg, splits, model_dir
+        self.param_names, self.param_sizes, self.model_info, self.resume = param_names, param_sizes, model_info, resume
         self.layout = Layout.of(cfg.output)
 
 
 def prepare_kernel_stage(cfg: JobConfig, *, overwrite: bool = False, train=None, test=None) -> KernelStage:
-    """Load data, resolve the model and check template/label words; raise before writing anything."""
+    """Load data, resolve the model and check template/label words; raise before writing anything.
+
+    An unfinished kernel of the same plan under ``cfg.output`` is resumed (finished tiles are kept);
+    one of a different plan is an error unless ``overwrite``.
+    """
+    from .distributed.kernel_job import check_resumable, plan_signature
+
     layout = Layout.of(cfg.output)
     _guard([layout.kernel_manifest, layout.values], overwrite, "a finished kernel or values")
     splits = load_splits(cfg.data, train=train, test=test)
     model_dir = resolve_model_path(cfg.model.path, cache_dir=cfg.model.cache_dir, seed=cfg.model.seed)
     clf = load_classifier(model_dir, cfg.model)  # checks template, label words, parameter selection
-    select_params(clf, cfg.model.params)
-    del clf
-    return KernelStage(cfg, splits, model_dir)
+    names = select_params(clf, cfg.model.params)
+    params = dict(clf.named_parameters())
+    sizes = [params[n].numel() for n in names]
+    info = {"model_kind": clf.kind, "label_token_ids": clf.label_token_ids}
+    del clf, params
+    signature = plan_signature(list(splits.train.texts), list(splits.test.texts), cfg.model, cfg.kernel)
+    resume = check_resumable(layout, signature, overwrite)
+    return KernelStage(cfg, splits, model_dir, names, sizes, info, resume)
 
 
-def run_kernel_stage(stage: KernelStage, *, progress: bool = True) -> dict[str, Any]:
-    """Compute and write the kernel (Ray must be initialised). Returns the kernel manifest."""
+def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None) -> dict[str, Any]:
+    """Compute and write the kernel (Ray must be initialised). Returns the kernel manifest.
+
+    Args:
+        on_tile: optional hook ``(actors, n_written)`` after each tile (tests use it to inject faults).
+    """
     from .distributed.kernel_job import compute_kernel
 
     cfg, splits, layout = stage.cfg, stage.splits, stage.layout
-    for sub in (layout.kernel_dir, layout.marginals_dir.parent, layout.values, layout.values_per_test):
+    stale = [layout.kernel_manifest, layout.marginals_dir.parent, layout.values, layout.values_per_test]
+    if not stage.resume:
+        stale.append(layout.kernel_dir)
+    for sub in stale:
         if sub.is_dir():
             shutil.rmtree(sub)
         elif sub.exists():
@@ -92,12 +129,15 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True) -> dict[str, 
         write_examples(layout, split, ex.texts, ex.labels, ex.ids, splits.label_names)
     result = compute_kernel(
         list(splits.train.texts), list(splits.test.texts), stage.model_dir, cfg.model, cfg.kernel, layout,
-        progress=progress,
+        param_names=stage.param_names, param_sizes=stage.param_sizes, resume=stage.resume,
+        progress=progress, on_tile=on_tile,
     )
-    info = dict(result.info)
+    info = {**result.info, **stage.model_info}
     kernel = load_kernel(layout.root)
     k = kernel["train_train"] if cfg.kernel.kind == "first_logit" else kernel["train_train_full"][..., 0, 0]
     info["condition_number_first_logit"] = condition_number(k)
+    info["diag_mean"] = float(np.diagonal(k).mean())
+    write_kernel_manifest(layout, info)
     _update_manifest(layout, cfg, "kernel", {**info, "data": stage.splits.source, "model_dir": str(stage.model_dir)})
     return info
 
@@ -122,49 +162,41 @@ def load_problem(layout: Layout, cfg: JobConfig) -> tuple[RegressionProblem, Any
     return problem, train
 
 
-def run_shapley_stage(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """TMC Shapley from the kernel under ``cfg.output``; writes marginals and ``values.parquet``."""
-    from .distributed.shapley_job import run_tmc
+def run_shapley_stage(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
+                      on_batch=None) -> dict[str, Any]:
+    """Shapley values from the kernel under ``cfg.output``; streams marginals, writes ``values.parquet``.
+
+    Every finished batch of permutations is written to ``OUT/shapley/marginals`` at once, so a killed
+    run loses at most the batches in flight. With ``shapley.resume`` (default) a rerun reuses the
+    stored permutations (checked against ``OUT/shapley/run.json``), runs only the missing ones up to
+    ``shapley.n_permutations`` and recomputes the values from all of them; stored marginals made
+    with different settings are an error unless ``overwrite`` (then they are discarded).
+
+    Args:
+        on_batch: optional hook called after each batch is written (tests use it to interrupt a run).
+    """
+    from .distributed.shapley_job import run_resumable
+    from .valuation import StoppingRule
 
     layout = Layout.of(cfg.output)
     _guard([layout.values], overwrite, "finished Shapley values")
     problem, train = load_problem(layout, cfg)
-    if layout.marginals_dir.parent.exists():
-        shutil.rmtree(layout.marginals_dir.parent)
     sc = cfg.shapley
-    parts = iter(range(1 << 30))
-
-    def sink(batch) -> None:
-        records = [
-            {
-                "perm_id": pid,
-                "seed": sc.seed,
-                "order": r.permutation.tolist(),
-                "marginals": (r.marginals if r.marginals.ndim == 1 else r.marginals.mean(axis=1))[r.permutation].tolist(),
-                "truncated_at": int(r.truncated_at),
-                "v_full": float(r.v_full),
-            }
-            for pid, r in batch
-        ]
-        write_marginals(layout, next(parts), records)
-
-    run = run_tmc(
-        problem, utility=sc.utility, n_permutations=sc.n_permutations, truncation_tol=sc.truncation_tol,
-        truncation_patience=sc.truncation_patience, seed=sc.seed, per_test_point=sc.per_test_point,
-        permutations_per_task=sc.permutations_per_task, num_cpus_per_task=sc.num_cpus_per_task,
-        on_batch=sink, progress=progress,
+    stopping = StoppingRule(sc.convergence, tol=sc.convergence_tol, top_k=sc.convergence_top_k,
+                            patience=sc.convergence_patience, min_samples=sc.min_permutations)
+    store = MarginalsStore(layout.shapley_dir)
+    run = run_resumable(
+        problem, store, utility=sc.utility, sampler=sc.sampler, n_permutations=sc.n_permutations,
+        truncation_tol=sc.truncation_tol, truncation_patience=sc.truncation_patience, seed=sc.seed,
+        per_test_point=sc.per_test_point, permutations_per_task=sc.permutations_per_task,
+        num_cpus_per_task=sc.num_cpus_per_task, max_seconds=sc.max_seconds, stopping=stopping,
+        resume=sc.resume, discard_mismatched=overwrite, sign_splits=sc.sign_splits, progress=progress,
+        on_batch=on_batch,
     )
-    info = {
-        "utility": sc.utility,
-        "n_permutations": sc.n_permutations,
-        "v_full": run.v_full,
-        "v_empty": run.v_empty,
-        "mean_truncated_at": float(run.truncated_at.mean()),
-        "seconds": run.seconds,
-        "seconds_per_permutation": run.seconds / sc.n_permutations,
-    }
+    info = dict(run.info)
     per_test = (run.per_test.values, run.per_test.stderr) if run.per_test is not None else None
-    write_values(layout, train, run.values.values, run.values.stderr, run.values.counts, per_test=per_test, info=info)
+    write_values(layout, train, run.values.values, run.values.stderr, run.values.counts, per_test=per_test,
+                 info=info, sign_agreement=run.sign.per_point)
     _update_manifest(layout, cfg, "shapley", info)
     return info
 

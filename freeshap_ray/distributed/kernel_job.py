@@ -1,30 +1,49 @@
-"""Kernel stage on Ray: actors hold the model, compute Jacobian blocks once, then the float64 tiles.
+"""Kernel stage on Ray: actors own parameter shards, compute Jacobian blocks once, then partial tiles.
 
-Schedule: every example block's Jacobian is computed once by one actor and kept in the object store
-(spilled to disk by Ray when large); each tile is computed by the actor that produced its row block from
-two object references, and written to Parquet as soon as it arrives. A Jacobian reference is dropped as
-soon as the last tile needing it is done.
+Schedule (per parameter shard s, served by the actors ``a`` with ``a % S == s``):
+
+1. every example block that an unfinished tile needs gets its shard-s Jacobian computed ONCE, by one
+   actor of the shard, and kept in the Ray object store (spilled to disk by Ray when large);
+2. each tile's shard-s partial ``J_row J_colᵀ`` (float64) is computed by the actor that produced the
+   row block's Jacobian, from two object references — so a row band's gradient work is shared by all
+   of its tiles;
+3. the driver (the reducer) sums the S partials of a tile and writes the tile to Parquet before
+   counting it; a Jacobian reference is dropped once the last tile that needs it is reduced.
+
+Restart and resume: finished tiles are files (written atomically), so a rerun with the same plan
+skips them; actors have ``max_restarts``/``max_task_retries`` so a killed actor is replaced and its
+unfinished calls are redone. Actors are placed with a placement group (PACK or SPREAD).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
-from ..config import KernelConfig, ModelConfig
-from ..io import Layout, write_kernel_manifest, write_kernel_tile
-from ..kernel import Tile, blocks, condition_number, tiles
+from ..config import KernelConfig, ModelConfig, config_to_dict
+from ..errors import ConfigError, OutputError
+from ..io import Layout, write_json_atomic, write_kernel_manifest, write_kernel_tile
+from ..kernel import Tile, blocks, tiles
+from ..kernel.shards import partition_params
 from ..kernel.worker import KernelWorker
 
-__all__ = ["KernelJobResult", "compute_kernel"]
+__all__ = ["KernelJobResult", "compute_kernel", "plan_signature", "check_resumable"]
 
 log = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -34,14 +53,74 @@ class KernelJobResult:
     info: dict = field(default_factory=dict)
 
 
-def _make_actors(model_dir: Path, model_cfg: ModelConfig, cfg: KernelConfig) -> list:
-    use_gpu = cfg.num_gpus_per_actor > 0
-    actor_cls = ray.remote(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)(KernelWorker)
+def plan_signature(train_texts, test_texts, model_cfg: ModelConfig, cfg: KernelConfig) -> str:
+    """Hash of everything that determines the tiles' contents and layout (not resources)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config_to_dict(model_cfg), sort_keys=True).encode())
+    h.update(json.dumps({"kind": cfg.kind, "block_size": cfg.block_size}).encode())
+    for split in (train_texts, test_texts):
+        h.update(str(len(split)).encode())
+        for t in split:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+def check_resumable(layout: Layout, signature: str, overwrite: bool) -> bool:
+    """Whether tiles already under ``layout`` belong to this plan (resume) or must be discarded.
+
+    Raises:
+        OutputError: an unfinished kernel of a different plan is there and ``overwrite`` is off.
+    """
+    if not layout.kernel_plan.is_file():
+        return False
+    old = json.loads(layout.kernel_plan.read_text()).get("signature")
+    if old == signature:
+        return not overwrite
+    if not overwrite:
+        raise OutputError(
+            f"output: {layout.kernel_dir} holds an unfinished kernel of a different config/data; "
+            "pass --overwrite to discard it"
+        )
+    return False
+
+
+def _placement(cfg: KernelConfig):
+    if cfg.placement == "none":
+        return None
+    bundle = {"CPU": cfg.num_cpus_per_actor}
+    if cfg.num_gpus_per_actor:
+        bundle["GPU"] = cfg.num_gpus_per_actor
+    pg = placement_group([dict(bundle) for _ in range(cfg.num_actors)], strategy=cfg.placement)
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise ConfigError(
+            f"kernel.num_actors: cannot place {cfg.num_actors} actors with {bundle} each "
+            f"({cfg.placement}) on this cluster (available: {ray.available_resources()})"
+        )
+    return pg
+
+
+def _make_actors(model_dir: Path, model_cfg: ModelConfig, cfg: KernelConfig, shards: list[list[str]], pg) -> list:
+    actor_cls = ray.remote(
+        num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor,
+        max_restarts=cfg.max_restarts,
+        max_task_retries=cfg.max_restarts,
+    )(KernelWorker)
     threads = max(1, int(round(cfg.num_cpus_per_actor)))
-    return [
-        actor_cls.remote(str(model_dir), model_cfg, cfg.kind, threads=threads, device="cuda" if use_gpu else "cpu")
-        for _ in range(cfg.num_actors)
-    ]
+    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+    actors = []
+    for a in range(cfg.num_actors):
+        opts = {}
+        if pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a)
+        actors.append(
+            actor_cls.options(**opts).remote(
+                str(model_dir), model_cfg, cfg.kind, param_names=shards[a % len(shards)], threads=threads, device=device
+            )
+        )
+    return actors
 
 
 def compute_kernel(
@@ -52,81 +131,137 @@ def compute_kernel(
     cfg: KernelConfig,
     layout: Layout,
     *,
+    param_names: list[str],
+    param_sizes: list[int],
+    resume: bool = False,
     progress: bool = True,
+    on_tile: Callable[[list, int], None] | None = None,
 ) -> KernelJobResult:
     """Compute train×train and test×train eNTK tiles with Ray actors and write them under ``layout``.
+
+    Args:
+        param_names, param_sizes: the selected parameters (model order) and their sizes.
+        resume: keep tiles already written for this plan and compute only the others.
+        on_tile: called on the driver after each tile is written, with (actors, tiles written so far);
+            tests use it to kill an actor mid-run.
 
     The kernel manifest is written last, so a kernel directory without it is incomplete.
     """
     t0 = time.perf_counter()
-    actors = _make_actors(model_dir, model_cfg, cfg)
-    info = ray.get(actors[0].info.remote())
-    t_load = time.perf_counter() - t0
-
+    n_shards = cfg.param_shards
+    if n_shards > cfg.num_actors:
+        raise ConfigError(f"kernel.param_shards: {n_shards} shards need at least as many actors (kernel.num_actors)")
+    shards = partition_params(param_names, param_sizes, n_shards)
     train_blocks = blocks(len(train_texts), cfg.block_size)
     test_blocks = blocks(len(test_texts), cfg.block_size)
-    jac: dict[tuple[str, int], ray.ObjectRef] = {}
-    owner: dict[tuple[str, int], int] = {}
-    k = 0
-    for split, texts, bl in (("train", train_texts, train_blocks), ("test", test_texts, test_blocks)):
-        for b, (s, e) in enumerate(bl):
-            owner[(split, b)] = k % len(actors)
-            jac[(split, b)] = actors[owner[(split, b)]].jacobian.remote(list(texts[s:e]))
-            k += 1
-
     plan = tiles(len(train_blocks), len(test_blocks))
-    uses: dict[tuple[str, int], int] = {key: 0 for key in jac}
-    for t in plan:
-        uses[("train" if t.matrix == "train_train" else "test", t.row)] += 1
-        uses[("train", t.col)] += 1
-    pending: dict[ray.ObjectRef, Tile] = {}
-    for t in plan:
-        row_key = ("train" if t.matrix == "train_train" else "test", t.row)
-        ref = actors[owner[row_key]].tile.remote(jac[row_key], jac[("train", t.col)], cfg.chunk_params)
-        pending[ref] = t
+    signature = plan_signature(train_texts, test_texts, model_cfg, cfg)
+    if not resume:
+        for p in (layout.kernel_dir / "train_train", layout.kernel_dir / "test_train"):
+            for f in p.glob("*.parquet") if p.is_dir() else ():
+                f.unlink()
+    write_json_atomic({"signature": signature, "n_train": len(train_texts), "n_test": len(test_texts),
+                       "block_size": cfg.block_size, "kind": cfg.kind}, layout.kernel_plan)
+    todo = [t for t in plan if not layout.kernel_tile(t.matrix, t.name).is_file()]
+    skipped = len(plan) - len(todo)
 
-    diag = np.zeros(len(train_texts))
-    bar = tqdm(total=len(plan), desc="kernel tiles", unit="tile", disable=not progress)
+    def row_key(t: Tile) -> tuple[str, int]:
+        return ("train" if t.matrix == "train_train" else "test", t.row)
+
+    pg = _placement(cfg) if todo else None
+    actors = _make_actors(model_dir, model_cfg, cfg, shards, pg) if todo else []
+    group = [[a for a in range(len(actors)) if a % n_shards == s] for s in range(n_shards)]
+    texts = {"train": train_texts, "test": test_texts}
+    bounds = {"train": train_blocks, "test": test_blocks}
+    needed = sorted({row_key(t) for t in todo} | {("train", t.col) for t in todo})
+    jac: dict[tuple[int, str, int], ray.ObjectRef] = {}
+    owner: dict[tuple[int, str, int], int] = {}
+    for s in range(n_shards):
+        for i, (split, b) in enumerate(needed):
+            a = group[s][i % len(group[s])]
+            start, stop = bounds[split][b]
+            owner[(s, split, b)] = a
+            jac[(s, split, b)] = actors[a].jacobian.remote(list(texts[split][start:stop]))
+    uses = {key: 0 for key in jac}
+    pending: dict[ray.ObjectRef, Tile] = {}
+    for t in todo:
+        for s in range(n_shards):
+            rk, ck = (s, *row_key(t)), (s, "train", t.col)
+            uses[rk] += 1
+            uses[ck] += 1
+            pending[actors[owner[rk]].tile.remote(jac[rk], jac[ck], cfg.chunk_params)] = t
+
+    partial: dict[Tile, tuple[np.ndarray, int]] = {}
+    jac_waiting = {ref: key for key, ref in jac.items()}
+    jac_bar = tqdm(total=len(jac_waiting), desc="jacobian blocks", unit="block", disable=not progress)
+    bar = tqdm(total=len(plan), initial=skipped, desc="kernel tiles", unit="tile", disable=not progress)
     t1 = time.perf_counter()
+    written = 0
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending) + list(jac_waiting), num_returns=1, fetch_local=False)
+        if done[0] in jac_waiting:
+            del jac_waiting[done[0]]
+            jac_bar.update(1)
+            continue
         t = pending.pop(done[0])
-        tile = ray.get(done[0])
-        row_blocks = train_blocks if t.matrix == "train_train" else test_blocks
-        r0, c0 = row_blocks[t.row][0], train_blocks[t.col][0]
-        write_kernel_tile(layout, t.matrix, t.name, r0, c0, tile)
-        if t.matrix == "train_train" and t.row == t.col:
-            d = np.diagonal(tile[..., 0, 0] if tile.ndim == 4 else tile)
-            diag[r0 : r0 + len(d)] = d
-        for key in (("train" if t.matrix == "train_train" else "test", t.row), ("train", t.col)):
-            uses[key] -= 1
-            if uses[key] == 0:
-                del jac[key]  # frees the Jacobian block in the object store
+        acc, count = partial.get(t, (None, 0))
+        part = ray.get(done[0])
+        acc = part if acc is None else acc + part
+        count += 1
+        if count < n_shards:
+            partial[t] = (acc, count)
+            continue
+        partial.pop(t, None)
+        r0 = bounds[row_key(t)[0]][t.row][0]
+        write_kernel_tile(layout, t.matrix, t.name, r0, train_blocks[t.col][0], acc)
+        written += 1
+        for s in range(n_shards):
+            for key in ((s, *row_key(t)), (s, "train", t.col)):
+                uses[key] -= 1
+                if uses[key] == 0:
+                    del jac[key]  # frees the Jacobian block in the object store
         bar.update(1)
+        if on_tile is not None:
+            on_tile(actors, written)
     bar.close()
+    jac_bar.close()
     elapsed = time.perf_counter() - t1
     for a in actors:
-        ray.kill(a)
+        ray.kill(a, no_restart=True)
+    if pg is not None:
+        remove_placement_group(pg)
 
     n, m = len(train_texts), len(test_texts)
-    entries = (n * (n + 1) // 2 + m * n) * (info["n_classes"] ** 2 if cfg.kind == "full" else 1)
-    out = {
+    c = _n_classes(model_cfg)
+    width = c * c if cfg.kind == "full" else 1
+    computed_entries = sum(
+        (bounds[row_key(t)[0]][t.row][1] - bounds[row_key(t)[0]][t.row][0])
+        * (train_blocks[t.col][1] - train_blocks[t.col][0]) * width
+        for t in todo
+    )
+    info: dict[str, Any] = {
         "kind": cfg.kind,
         "n_train": n,
         "n_test": m,
-        "n_classes": info["n_classes"],
-        "n_params": info["n_params"],
-        "model_kind": info["model_kind"],
-        "label_token_ids": info["label_token_ids"],
+        "n_classes": c,
+        "n_params": int(sum(param_sizes)),
+        "param_shards": [len(s) for s in shards],
         "block_size": cfg.block_size,
         "num_actors": cfg.num_actors,
+        "placement": cfg.placement,
+        "signature": signature,
         "tiles": {
             "train_train": [t.name for t in plan if t.matrix == "train_train"],
             "test_train": [t.name for t in plan if t.matrix == "test_train"],
         },
-        "diag_mean": float(diag.mean()) if n else 0.0,
-        "seconds": {"load_model": t_load, "tiles": elapsed, "total": time.perf_counter() - t0},
-        "entries_per_second": entries / max(elapsed, 1e-9),
+        "tiles_computed": len(todo),
+        "tiles_skipped": skipped,
+        "seconds": {"tiles": elapsed, "total": time.perf_counter() - t0},
+        "entries_per_second": computed_entries / max(elapsed, 1e-9),
     }
-    write_kernel_manifest(layout, out)
-    return KernelJobResult(info=out)
+    write_kernel_manifest(layout, info)
+    return KernelJobResult(info=info)
+
+
+def _n_classes(model_cfg: ModelConfig) -> int:
+    return len(model_cfg.label_words)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .atomic import atomic_path, write_json_atomic, write_parquet_atomic
 from .layout import Layout
 from .stores import (
+    MarginalsStore,
     load_kernel,
     read_examples,
     read_values,
@@ -17,6 +18,7 @@ from .stores import (
 
 __all__ = [
     "Layout",
+    "MarginalsStore",
     "atomic_path",
     "load_kernel",
     "read_examples",

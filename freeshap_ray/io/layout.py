@@ -3,10 +3,12 @@
 ```
 OUT/manifest.json                      config, versions, per-stage timings
 OUT/train.parquet, OUT/test.parquet    index, id, text, label, label_name
+OUT/kernel/plan.json                   signature of the plan the tiles belong to (resume check)
 OUT/kernel/manifest.json               kind, shapes, blocks, tiles, parameter count, condition number
 OUT/kernel/train_train/tile-rRRRRR-cCCCCC.parquet   lower-triangular train×train tiles
 OUT/kernel/test_train/tile-rRRRRR-cCCCCC.parquet    test×train tiles
-OUT/shapley/marginals/part-NNNNN.parquet            per-permutation marginal contributions
+OUT/shapley/run.json                   what the marginals are of (problem digest, utility, sampler, ...)
+OUT/shapley/marginals/part-NNNNN.parquet            per-permutation marginal contributions (whole permutations)
 OUT/values.parquet                     one row per training example
 OUT/values_per_test.parquet            (per_test_point) one row per (training, test) pair
 ```
@@ -42,11 +44,20 @@ class Layout:
         return self.root / "kernel"
 
     @property
+    def kernel_plan(self) -> Path:
+        """Written when a kernel computation starts: the plan signature that finished tiles belong to."""
+        return self.kernel_dir / "plan.json"
+
+    @property
     def kernel_manifest(self) -> Path:
         return self.kernel_dir / "manifest.json"
 
     def kernel_tile(self, matrix: str, name: str) -> Path:
         return self.kernel_dir / matrix / f"{name}.parquet"
+
+    @property
+    def shapley_dir(self) -> Path:
+        return self.root / "shapley"
 
     @property
     def marginals_dir(self) -> Path:

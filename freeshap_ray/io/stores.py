@@ -18,6 +18,7 @@ __all__ = [
     "EXAMPLES_SCHEMA",
     "KERNEL_TILE_SCHEMA",
     "MARGINALS_SCHEMA",
+    "MarginalsStore",
     "VALUES_SCHEMA",
     "SCHEMA_VERSION",
     "load_kernel",
@@ -52,16 +53,21 @@ KERNEL_TILE_SCHEMA = pa.schema(
     metadata={"freeshap_ray.schema": f"kernel_tile/{SCHEMA_VERSION}"},
 )
 
+MARGINALS_SCHEMA_VERSION = 2
+
 MARGINALS_SCHEMA = pa.schema(
     [
         ("perm_id", pa.int64()),
         ("seed", pa.int64()),
+        ("sampler", pa.string()),  # tmc | permutation | antithetic (see valuation.samplers)
         ("order", pa.list_(pa.int64())),  # training indices in the order they were added
-        ("marginals", pa.list_(pa.float64())),  # marginal of order[k] at position k
+        ("marginals", pa.list_(pa.float64())),  # marginal of order[k] at position k (mean utility)
         ("truncated_at", pa.int64()),  # points actually added; later marginals are 0
         ("v_full", pa.float64()),
+        # per-test-point runs only (else null): truncated_at * m values, row k = marginals of order[k]
+        ("marginals_per_test", pa.list_(pa.float64())),
     ],
-    metadata={"freeshap_ray.schema": f"marginals/{SCHEMA_VERSION}"},
+    metadata={"freeshap_ray.schema": f"marginals/{MARGINALS_SCHEMA_VERSION}"},
 )
 
 VALUES_SCHEMA = pa.schema(
@@ -74,6 +80,7 @@ VALUES_SCHEMA = pa.schema(
         ("value", pa.float64()),
         ("stderr", pa.float64()),
         ("count", pa.int64()),
+        ("sign_agreement", pa.float64()),  # fraction of random half-splits with the same sign (nan: < 2 samples)
     ],
     metadata={"freeshap_ray.schema": f"values/{SCHEMA_VERSION}"},
 )
@@ -191,8 +198,78 @@ def load_kernel(out_dir: str | Path) -> dict[str, Any]:
 
 def write_marginals(layout: Layout, part: int, records: list[dict[str, Any]]) -> Path:
     """Write one chunk of per-permutation records (see ``MARGINALS_SCHEMA``)."""
-    table = pa.Table.from_pylist(records, schema=MARGINALS_SCHEMA)
+    table = pa.Table.from_pylist([{"sampler": "tmc", "marginals_per_test": None, **r} for r in records],
+                                 schema=MARGINALS_SCHEMA)
     return write_parquet_atomic(table, layout.marginals_part(part))
+
+
+class MarginalsStore:
+    """A resumable stream of per-permutation marginals: ``DIR/run.json`` + ``DIR/marginals/part-NNNNN.parquet``.
+
+    Each part holds whole permutations (whole antithetic pairs) and is written atomically, so a killed
+    driver leaves only complete parts (temp files start with ``.`` and are ignored). ``run.json``
+    records what the marginals are marginals OF (problem digest, utility, sampler, truncation, ...);
+    a run whose settings differ must not reuse them.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.parts_dir = self.dir / "marginals"
+        self.run_file = self.dir / "run.json"
+
+    def parts(self) -> list[Path]:
+        """Complete part files in index order."""
+        if not self.parts_dir.is_dir():
+            return []
+        return sorted(p for p in self.parts_dir.glob("part-*.parquet") if p.name[5:-8].isdigit())
+
+    def next_part_index(self) -> int:
+        parts = self.parts()
+        return int(parts[-1].name[5:-8]) + 1 if parts else 0
+
+    def read_run(self) -> dict[str, Any] | None:
+        if not self.run_file.is_file():
+            return None
+        return json.loads(self.run_file.read_text())
+
+    def write_run(self, info: dict[str, Any]) -> None:
+        write_json_atomic(info, self.run_file)
+
+    def clear(self) -> None:
+        """Remove the run file and every part (a fresh start)."""
+        import shutil
+
+        if self.parts_dir.exists():
+            shutil.rmtree(self.parts_dir)
+        if self.run_file.exists():
+            self.run_file.unlink()
+
+    def write_part(self, records: list[dict[str, Any]] | pa.Table) -> Path:
+        """Write ``records`` (``MARGINALS_SCHEMA`` rows, or a table of that schema) as the next part."""
+        table = records if isinstance(records, pa.Table) else pa.Table.from_pylist(records, schema=MARGINALS_SCHEMA)
+        return write_parquet_atomic(table, self.parts_dir / f"part-{self.next_part_index():05d}.parquet")
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """All parts as one table (empty, with the schema, when there are none)."""
+        parts = self.parts()
+        cols = columns or MARGINALS_SCHEMA.names
+        if not parts:
+            return pa.schema([MARGINALS_SCHEMA.field(c) for c in cols]).empty_table()
+        tables = []
+        for p in parts:
+            t = pq.read_table(p)
+            missing = [c for c in cols if c not in t.column_names]
+            if missing:
+                raise OutputError(f"{p}: not a marginals part of this version (missing columns {missing}); "
+                                  f"rerun with --overwrite or shapley.resume=false")
+            tables.append(t.select(cols).cast(pa.schema([MARGINALS_SCHEMA.field(c) for c in cols])))
+        return pa.concat_tables(tables)
+
+    def iter_parts(self, columns: list[str] | None = None):
+        """Yield each part's table (for streaming reads of large per-test marginals)."""
+        cols = columns or MARGINALS_SCHEMA.names
+        for p in self.parts():
+            yield pq.read_table(p, columns=cols)
 
 
 def write_values(
@@ -204,9 +281,11 @@ def write_values(
     *,
     per_test: tuple[np.ndarray, np.ndarray] | None = None,
     info: dict[str, Any] | None = None,
+    sign_agreement: np.ndarray | None = None,
 ) -> Path:
     """Write ``values.parquet`` (one row per training example) and, given ``per_test`` = (values, stderr)
-    of shape (n, m), ``values_per_test.parquet`` (one row per training × test pair)."""
+    of shape (n, m), ``values_per_test.parquet`` (one row per training × test pair). ``sign_agreement``
+    (n,) fills the column of that name (nan when not given)."""
     counts = np.asarray(counts, dtype=np.int64)
     if per_test is not None:
         pv, ps = (np.asarray(a, dtype=np.float64) for a in per_test)
@@ -233,6 +312,8 @@ def write_values(
             "value": np.asarray(values, dtype=np.float64),
             "stderr": np.asarray(stderr, dtype=np.float64),
             "count": counts,
+            "sign_agreement": (np.full(len(counts), np.nan) if sign_agreement is None
+                               else np.asarray(sign_agreement, dtype=np.float64)),
         },
         schema=VALUES_SCHEMA.with_metadata(meta),
     )

@@ -24,16 +24,32 @@ class KernelWorker:
     Args:
         model_dir: resolved local model directory.
         model_cfg: template, label words, parameter selection.
+        param_names: the shard of the selection this worker differentiates (default: all of it).
         kind: ``first_logit`` or ``full``.
         threads: torch intra-op threads (match the CPUs reserved for this worker).
         device: ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, model_dir: str | Path, model_cfg: ModelConfig, kind: str, *, threads: int = 1, device: str = "cpu"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        model_cfg: ModelConfig,
+        kind: str,
+        *,
+        param_names: list[str] | None = None,
+        threads: int = 1,
+        device: str = "cpu",
+    ):
         torch.set_num_threads(max(1, threads))
         self.kind = kind
         self.clf = load_classifier(model_dir, model_cfg).to(device)
-        self.names = select_params(self.clf, model_cfg.params)
+        selected = select_params(self.clf, model_cfg.params)
+        if param_names is not None:
+            unknown = set(param_names) - set(selected)
+            if unknown:
+                raise ValueError(f"parameter shard names outside the selection: {sorted(unknown)[:3]}")
+            selected = list(param_names)
+        self.names = selected
         self.device = device
 
     def info(self) -> dict:

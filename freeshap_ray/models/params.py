@@ -27,11 +27,17 @@ def select_params(model: nn.Module, spec: str) -> list[str]:
     """Names (in ``named_parameters`` order) of the parameters selected by ``spec``.
 
     ``last:K`` takes the last K transformer blocks and every parameter registered after them (final
-    norm, LM-head transform, label-word head); ``last:0`` only the latter.
+    norm, LM-head transform, label-word head); ``last:0`` only the latter. ``lora`` takes the LoRA
+    factors and the label-word head.
     """
     names = [n for n, _ in model.named_parameters()]
     if spec == "all":
         return names
+    if spec == "lora":
+        chosen = [n for n in names if ".lora_" in n or n.startswith("head.")]
+        if not any(".lora_" in n for n in chosen):
+            raise ModelError("model.params: 'lora' but the model has no LoRA adapters (set model.lora_r)")
+        return chosen
     if spec.startswith("last:"):
         try:
             k = int(spec.split(":", 1)[1])

@@ -20,6 +20,7 @@ import numpy as np
 from scipy.linalg import blas, lapack
 
 from ..errors import KernelError
+from ._blas import trsm_lower_inplace
 from .problem import RegressionProblem
 
 __all__ = ["IncrementalRegressor"]
@@ -67,7 +68,7 @@ class IncrementalRegressor:
     def __init__(self, problem: RegressionProblem) -> None:
         self.problem = problem
         rows = problem.n * problem.group
-        self._L = np.zeros((rows, rows))
+        self._L = np.zeros((rows, rows), order="F")  # F-order: L[:s, :s] is solved in place (lda = rows)
         self._At = np.zeros((rows, problem.KT.shape[0]))
         self._B = np.zeros((rows, problem.T.shape[1]))
         self._F = np.zeros((problem.KT.shape[0], problem.T.shape[1]))
@@ -128,7 +129,8 @@ class IncrementalRegressor:
         S = self._rows[:s]
         K_new = prob.K[new]  # (q, n*g) rows of the symmetric kernel
         if s:
-            X = _solve_lower(self._L[:s, :s], K_new[:, S].T)
+            # K[S, new] = K[new, S]^T: a C-ordered (q, s) gather is an F-ordered (s, q) matrix (no copy).
+            X = trsm_lower_inplace(self._L, s, np.ascontiguousarray(K_new[:, S]).T)
         else:
             X = np.zeros((0, q))
         schur = K_new[:, new] + prob.lam * np.eye(q) - X.T @ X

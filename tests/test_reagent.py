@@ -1,0 +1,371 @@
+"""ReAGent: algorithm facts, exactness of batched/speculative execution, robustness cases, samplers,
+metrics and baselines. Hand-built exact models (tests/reagent_models.py) and the tiny random Llama."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from freeshap_ray.config import ReagentConfig, reagent_config_from_dict
+from freeshap_ray.errors import ConfigError
+from freeshap_ray.reagent import (
+    ReagentEngine,
+    ReagentRunner,
+    Target,
+    TargetLM,
+    UniformSampler,
+    baseline_scores,
+    heatmap_html,
+    prepare_prompt,
+    reagent_attribute,
+    soft_faithfulness,
+    special_token_ids,
+    valid_token_ids,
+)
+from freeshap_ray.reagent.algorithm import probe_rng, top_mask
+
+from .reagent_models import OnePositionLM, tiny_tokenizer
+
+J = 3  # the position the hand-built model reads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny forwards are overhead-bound; extra intra-op threads only contend on the shared 2 cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from freeshap_ray.models import load_lm, resolve_model_path
+
+    lm = load_lm(resolve_model_path("tiny:llama"))
+    torch.manual_seed(0)
+    return lm.model, lm.tokenizer
+
+
+def _one_pos(tok, **kw):
+    return OnePositionLM(len(tok), J, **kw)
+
+
+def _context(tok, text="the movie was great and the music was very good"):
+    return np.asarray(tok(text)["input_ids"], dtype=np.int64)  # starts with <s> (special)
+
+
+def _engine(model, tok, cfg):
+    return ReagentEngine(TargetLM(model, batch_rows=cfg.batch_rows, pad_id=tok.pad_token_id),
+                         UniformSampler(valid_token_ids(model, tok)), cfg, special_token_ids(tok))
+
+
+def reference_reagent(model, tok, target: Target, cfg: ReagentConfig, sampler) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Straight transcription of the algorithm: one probe, one step, one batch-1 forward at a time."""
+    special = np.array(sorted(special_token_ids(tok)))
+    ctx = target.context
+    pos = np.flatnonzero(~np.isin(ctx, special))
+    L = len(pos)
+    n = min(cfg.keep_top_n, L - 1)
+
+    def stats(row):
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(row)[None]).logits[0, -1].float()
+        return float(torch.softmax(logits, -1)[target.target_id]), int((logits > logits[target.target_id]).sum())
+
+    zs, steps, conv = [], [], []
+    for q in range(cfg.num_probes):
+        rng = probe_rng(cfg.seed, target.prompt_id, target.position, q)
+        z = rng.random(L)
+        seen = np.zeros(L, bool)
+        done = False
+        for step in range(1, cfg.max_steps + 1):
+            u_mask, u_rep, u_stop = rng.random(L), rng.random(L), rng.random(L)
+            mask = u_mask < cfg.replacing_ratio
+            d = 0.0
+            if mask.any():
+                d = target.p_orig - stats(sampler.replace(ctx, pos, mask[None], u_rep[None])[0])[0]
+            a = np.clip((1 + np.array([d])) / 2, 1e-7, 1 - 1e-7)
+            up = (np.log(a) - np.log1p(-a))[0]
+            z = z + np.where(mask, up, -up)
+            seen |= mask
+            if L <= cfg.keep_top_n and not seen.all():
+                continue
+            keep = top_mask(z[None], n)[0]
+            if stats(sampler.replace(ctx, pos, (~keep)[None], u_stop[None])[0])[1] < cfg.top_k:
+                done = True
+                break
+        zs.append(z)
+        steps.append(step)
+        conv.append(done)
+    s = np.exp(zs - np.max(zs, axis=1, keepdims=True))
+    s /= s.sum(axis=1, keepdims=True)
+    conv = np.array(conv)
+    scores = np.zeros(len(ctx))
+    scores[pos] = s[conv].mean(0) if conv.any() else s.mean(0)
+    return scores, np.array(steps), conv
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithm
+
+
+def test_random_stream_blocks_equal_sequential_draws():
+    a, b = probe_rng(3, 1, 7, 2), probe_rng(3, 1, 7, 2)
+    block = a.random((4, 3, 5))
+    seq = np.stack([np.stack([b.random(5) for _ in range(3)]) for _ in range(4)])
+    assert np.array_equal(block, seq)
+
+
+def test_target_depending_on_one_position_gets_highest_importance(tok):
+    model = _one_pos(tok)
+    ctx = _context(tok)
+    cfg = ReagentConfig(num_probes=8, max_steps=300)
+    y = model.target_for(int(ctx[J]))
+    [res] = _engine(model, tok, cfg).run([Target(ctx, y)])
+    assert res.converged and res.probes_converged == 8
+    assert int(np.argmax(res.scores)) == J
+    assert res.scores[0] == 0.0  # <s> is special
+    assert np.isclose(res.scores.sum(), 1.0)
+
+
+@pytest.mark.parametrize("spec", [dict(speculative_steps=1), dict(speculative_steps=8, speculative_growth=1.0),
+                                  dict(speculative_steps=5, speculative_growth=0.0, batch_rows=7)])
+def test_batched_speculative_equals_sequential_exactly(tok, spec):
+    model = _one_pos(tok)
+    base = ReagentConfig(num_probes=6, max_steps=60, keep_top_n=3, seed=11)
+    contexts = [_context(tok), _context(tok, "i loved it so much"), _context(tok, "i loved it")]
+    targets = lambda: [Target(c, model.target_for(int(c[min(J, len(c) - 1)])), prompt_id=k) for k, c in enumerate(contexts)]  # noqa: E731
+    seq = _engine(model, tok, base).run(targets(), schedule="sequential")
+    bat = _engine(model, tok, dataclasses.replace(base, **spec)).run(targets(), schedule="batched")
+    sampler = UniformSampler(valid_token_ids(model, tok))
+    for t, a, b in zip(targets(), seq, bat):
+        assert np.array_equal(a.scores, b.scores)
+        assert np.array_equal(a.steps, b.steps) and np.array_equal(a.probe_converged, b.probe_converged)
+        t.p_orig = a.p_orig
+        ref_scores, ref_steps, ref_conv = reference_reagent(model, tok, t, base, sampler)
+        assert np.array_equal(ref_scores, a.scores)
+        assert np.array_equal(ref_steps, a.steps) and np.array_equal(ref_conv, a.probe_converged)
+
+
+def test_batched_equals_sequential_on_tiny_llama(tiny_llama):
+    model, tok = tiny_llama
+    kw = dict(max_new_tokens=2, num_probes=4, max_steps=15, keep_top_n=2)
+    a = reagent_attribute(model, tok, "the movie was really great and i loved the music", schedule="sequential", **kw)
+    b = reagent_attribute(model, tok, "the movie was really great and i loved the music", speculative_steps=6,
+                          speculative_growth=1.0, **kw)
+    assert [list(r.steps) for r in a.results] == [list(r.steps) for r in b.results]
+    assert np.allclose(a.attributions.score, b.attributions.score, rtol=0, atol=1e-6)
+
+
+def test_no_probe_converges_gives_finite_mean_and_flag(tok):
+    model = _one_pos(tok, scale=100.0)  # p(y) saturates at 1: exercises the clipped logit update
+    ctx = _context(tok)
+    never = 2 + len(tok) // 2  # mid-vocabulary id: never a target of the model, never in its top 3
+    cfg = ReagentConfig(num_probes=4, max_steps=12)
+    res_never, res_sat = _engine(model, tok, cfg).run([Target(ctx, never), Target(ctx, model.target_for(int(ctx[J])), position=99)])
+    assert not res_never.converged and res_never.probes_converged == 0
+    assert np.all(res_never.steps == 12)
+    assert np.all(np.isfinite(res_never.scores)) and np.isclose(res_never.scores.sum(), 1.0)
+    assert np.all(np.isfinite(res_sat.scores)) and int(np.argmax(res_sat.scores)) == J
+
+
+def test_short_prompt_has_defined_result(tok):
+    model = _one_pos(tok)
+    cfg = ReagentConfig(num_probes=8, max_steps=200, keep_top_n=5)
+    ctx = _context(tok, "the movie was great")  # <s> + 4 replaceable tokens <= keep_top_n
+    eng = _engine(model, tok, cfg)
+    [res] = eng.run([Target(ctx, model.target_for(int(ctx[J])))])
+    assert res.note == "short_context" and res.converged
+    assert int(np.argmax(res.scores)) == J
+    assert np.all(res.steps >= 2)  # every position replaced at least once before a stop
+    one = np.asarray(tok("great")["input_ids"])  # <s> great
+    [r1] = eng.run([Target(one, 7)])
+    assert r1.note == "single_position" and r1.scores.tolist() == [0.0, 1.0]
+    [r0] = eng.run([Target(one[:1], 7)])
+    assert r0.note == "no_replaceable" and not r0.converged and r0.scores.tolist() == [0.0]
+
+
+def test_sampled_ids_valid_and_special_tokens_never_replaced(tok):
+    model = _one_pos(tok)
+    ctx = np.asarray(tok("<s> the movie [SEP] was great </s> and i [CLS] loved it")["input_ids"])
+    special = np.isin(ctx, sorted(special_token_ids(tok)))
+    assert special.sum() >= 4
+    cfg = ReagentConfig(num_probes=6, max_steps=30, replacing_ratio=0.6, keep_top_n=2)
+    res = _engine(model, tok, cfg).run([Target(ctx, model.target_for(int(ctx[J])))])[0]
+    rows = np.concatenate([b for b in model.forward_log if b.shape[1] == len(ctx)])
+    assert len(rows) > 20
+    assert np.all(rows[:, special] == ctx[special])
+    changed = rows != ctx
+    assert changed.any()
+    new_ids = rows[changed]
+    assert new_ids.min() >= 0 and new_ids.max() < len(tok)
+    assert not np.isin(new_ids, sorted(special_token_ids(tok))).any()
+    assert np.all(res.scores[special] == 0.0)
+
+
+def test_uniform_sampler_respects_model_vocab_smaller_than_tokenizer(tok):
+    model = OnePositionLM(len(tok) - 20, J)  # tokenizer knows ids the model cannot embed
+    valid = valid_token_ids(model, tok)
+    assert valid.max() < len(tok) - 20
+    rows = UniformSampler(valid).replace(np.arange(8), np.arange(8), np.ones((50, 8), bool), np.random.default_rng(0).random((50, 8)))
+    assert rows.max() < len(tok) - 20
+
+
+def test_chat_template_special_tokens_never_replaced_nor_sampled(tok):
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s> [CLS] {{ m['content'] }} [SEP] {% endfor %}"
+                         "{% if add_generation_prompt %}</s> [CLS]{% endif %}")
+    model = _one_pos(tok)
+    res = reagent_attribute(model, tok, "the movie was great", target="good", chat_template=True, num_probes=4, max_steps=30)
+    df = res.attributions
+    assert df.is_special.sum() >= 5
+    assert (df[df.is_special].score == 0).all()
+    sp = sorted(special_token_ids(tok))
+    ctx = res.prompts[0].ids[: res.prompts[0].n_prompt]
+    rows = np.concatenate([b for b in model.forward_log if b.shape[1] == len(ctx)])
+    special = np.isin(ctx, sp)
+    assert np.all(rows[:, special] == ctx[special])
+    assert not np.isin(rows[:, ~special], sp).any()
+
+
+def test_several_prompts_in_one_call_match_separate_calls(tiny_llama):
+    model, tok = tiny_llama
+    prompts = ["the movie was great", "i hated the ending and the script", "a wonderful story"]
+    kw = dict(max_new_tokens=2, num_probes=3, max_steps=10)
+    both = reagent_attribute(model, tok, prompts, **kw)
+    assert sorted(both.attributions.prompt_id.unique()) == [0, 1, 2]
+    assert both.attributions.score.notna().all()
+    cfg = ReagentConfig(**{k: v for k, v in kw.items() if k != "max_new_tokens"})
+    runner = ReagentRunner(model, tok, cfg)
+    alone = runner.run([prepare_prompt(model, tok, prompts[1], prompt_id=1, max_new_tokens=2)])
+    got = both.attributions[both.attributions.prompt_id == 1].score.to_numpy()
+    assert np.allclose(got, [r["score"] for r in alone.attributions], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+
+
+def test_pos_sampler_preserves_part_of_speech(tok):
+    import importlib.util
+
+    if importlib.util.find_spec("textblob_aptagger") is None:
+        pytest.skip("extra 'pos' (textblob-aptagger) not installed")
+    from freeshap_ray.reagent import PosSampler
+    from freeshap_ray.reagent.pos import load_tagger
+
+    assert load_tagger().tag(["the", "movie", "was", "great"]) == ["DT", "NN", "VBD", "JJ"]
+    model = _one_pos(tok)
+    s = PosSampler(valid_token_ids(model, tok), tok)
+    ctx = np.asarray(tok("the movie was great")["input_ids"])
+    pos = np.arange(1, len(ctx))
+    tags = s.context_tags(ctx, pos)
+    assert tags == ["DET", "NOUN", "VERB", "ADJ"]
+    rows = s.replace(ctx, pos, np.ones((40, len(pos)), bool), np.random.default_rng(0).random((40, len(pos))))
+    for j, tag in enumerate(tags):
+        assert set(rows[:, pos[j]]) <= set(s.groups[tag].tolist())
+    assert not np.isin(rows[:, pos], sorted(special_token_ids(tok))).any()
+
+
+def test_pos_sampler_missing_tagger_is_a_clear_error(tok, monkeypatch):
+    import importlib.util
+
+    from freeshap_ray.reagent import pos
+
+    pos.load_tagger.cache_clear()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "textblob_aptagger" else real(name, *a))
+    with pytest.raises(ConfigError, match="reagent.sampler"):
+        pos.load_tagger()
+    pos.load_tagger.cache_clear()
+
+
+def test_mlm_sampler_samples_valid_ids(tiny_llama):
+    from freeshap_ray.reagent import build_sampler
+
+    model, tok = tiny_llama
+    s = build_sampler("mlm", model, tok, mlm_path="tiny:bert-mlm")
+    ctx = np.asarray(tok("the movie was great and i loved it")["input_ids"])
+    pos = np.arange(1, len(ctx))
+    mask = np.random.default_rng(1).random((10, len(pos))) < 0.5
+    rows = s.replace(ctx, pos, mask, np.random.default_rng(2).random((10, len(pos))))
+    assert np.all(rows[:, 0] == ctx[0])
+    assert np.all(rows[:, pos][~mask] == np.broadcast_to(ctx[pos], mask.shape)[~mask])
+    new = rows[:, pos][mask]
+    assert new.max() < len(tok) and not np.isin(new, sorted(special_token_ids(tok))).any()
+    with pytest.raises(ConfigError, match="reagent.mlm_path"):
+        build_sampler("mlm", model, tok, mlm_path="tiny:llama")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics, baselines, outputs, config
+
+
+def test_soft_metrics_oracle_beats_random(tok):
+    model = _one_pos(tok)
+    ctx = _context(tok)
+    pos = np.flatnonzero(~np.isin(ctx, sorted(special_token_ids(tok))))
+    oracle = np.zeros(len(ctx))
+    oracle[J] = 1.0
+    m = soft_faithfulness(model, ctx, 0, oracle, pos, n_samples=16, seed=0)
+    assert m["log_soft_ns"] > 0.5 and m["log_soft_nc"] > 0.5
+    assert m["soft_ns"] > 0.99 and m["soft_nc"] > 0.99  # keeping exactly j restores p; removing it is the zero input
+    anti = np.ones(len(ctx))
+    anti[J] = 0.0
+    bad = soft_faithfulness(model, ctx, 0, anti, pos, n_samples=16, seed=0)
+    assert bad["log_soft_ns"] < 0 and bad["log_soft_nc"] < 0
+
+
+def test_reagent_on_one_position_model_beats_random_and_baselines_run(tok):
+    model = _one_pos(tok)
+    ctx = _context(tok)
+    res = reagent_attribute(model, tok, "the movie was great and the music was very good", target="x",
+                            num_probes=6, max_steps=200, baselines=["input_x_gradient", "integrated_gradients", "random"],
+                            metrics=True)
+    del ctx
+    met = res.metrics.set_index("method")
+    assert met.loc["reagent", "log_soft_ns"] > 0 and met.loc["reagent", "log_soft_nc"] > 0
+    for method in ("input_x_gradient", "integrated_gradients"):
+        s = res.scores(method=method)
+        assert int(np.argmax(s)) == J and np.isclose(s.sum(), 1.0)
+
+
+def test_attention_baseline_and_heatmap(tiny_llama):
+    model, tok = tiny_llama
+    ctx = np.asarray(tok("the movie was great")["input_ids"])
+    pos = np.arange(1, len(ctx))
+    s = baseline_scores("attention", model, ctx, 7, pos)
+    assert s[0] == 0.0 and np.isclose(s.sum(), 1.0) and np.all(s >= 0)
+    assert model.config._attn_implementation != "eager"  # restored
+    res = reagent_attribute(model, tok, "the movie was", max_new_tokens=1, num_probes=2, max_steps=5)
+    page = res.to_html()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
+    assert "movie" in page and page.count("class='t'") == 1
+    row = dict(method="reagent", prompt_id=0, target_pos=1, target_token="<b>", source_pos=0, source_token="a&<i>",
+               is_special=False, score=0.5, converged=False, note="")
+    page = heatmap_html([row])
+    assert "a&amp;&lt;i&gt;" in page and "&lt;b&gt;" in page and "<i>" not in page and "not converged" in page
+
+
+def test_reagent_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"^reagent.num_probes"):
+        reagent_config_from_dict({"prompts": {"path": "p.txt"}, "reagent": {"num_probes": 0}})
+    with pytest.raises(ConfigError, match=r"^reagent.replacing_ratio"):
+        reagent_config_from_dict({"prompts": {"path": "p.txt"}, "reagent": {"replacing_ratio": 1.5}})
+    with pytest.raises(ConfigError, match=r"^reagent.mlm_path"):
+        reagent_config_from_dict({"prompts": {"path": "p.txt"}, "reagent": {"sampler": "mlm"}})
+    with pytest.raises(ConfigError, match=r"^evaluation.baselines\[0\]"):
+        reagent_config_from_dict({"prompts": {"path": "p.txt"}, "evaluation": {"baselines": ["lime"]}})
+    with pytest.raises(ConfigError, match=r"^prompts.path"):
+        reagent_config_from_dict({})
+    with pytest.raises(ConfigError, match=r"^reagent.num_probe"):
+        reagent_attribute(None, None, "x", num_probe=3)
