@@ -43,6 +43,17 @@ __all__ = [
 QUICKSTART_CONFIG = "quickstart.yaml"
 
 
+
+def _check_actor_fields(cfg: Any, section: str, counts: tuple[str, ...]) -> None:
+    """Counts must be >= 1 and per-actor CPU/GPU requests >= 0; errors name ``section.key``."""
+    for key in counts:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{section}.{key}: must be >= 1, got {getattr(cfg, key)}")
+    for key in ("num_cpus_per_actor", "num_gpus_per_actor"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{section}.{key}: must be >= 0, got {getattr(cfg, key)}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the examples come from.
@@ -145,15 +156,11 @@ class KernelConfig:
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
             raise ConfigError(f"kernel.max_restarts: must be >= 0, got {self.max_restarts}")
+        _check_actor_fields(self, "kernel", ("block_size", "num_actors", "chunk_params", "param_shards"))
         if self.param_shards > self.num_actors:
             raise ConfigError(
                 f"kernel.param_shards: {self.param_shards} shards need kernel.num_actors >= {self.param_shards}"
             )
-        for key in ("block_size", "num_actors", "chunk_params", "param_shards"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"kernel.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
-            raise ConfigError("kernel.num_cpus_per_actor/num_gpus_per_actor: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -437,11 +444,7 @@ class ReagentFanoutConfig:
     targets_per_task: int = 8
 
     def __post_init__(self) -> None:
-        for key in ("num_actors", "targets_per_task"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"fanout.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
-            raise ConfigError("fanout.num_cpus_per_actor/num_gpus_per_actor: must be >= 0")
+        _check_actor_fields(self, "fanout", ("num_actors", "targets_per_task"))
 
 
 @dataclass(frozen=True)

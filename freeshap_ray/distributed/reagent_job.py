@@ -155,8 +155,9 @@ def run_reagent_job(cfg: ReagentJobConfig, *, overwrite: bool = False, progress:
         import pandas as pd
 
         df = pd.DataFrame(metrics)
-        summary["metrics_mean"] = {m: {"log_soft_ns": float(g.log_soft_ns.mean()), "log_soft_nc": float(g.log_soft_nc.mean())}
-                                   for m, g in df.groupby("method")}
+        means = {m: {"log_soft_ns": float(g.log_soft_ns.mean()), "log_soft_nc": float(g.log_soft_nc.mean())}
+                 for m, g in df.groupby("method")}
+        summary["metrics_mean"] = {m: means[m] for m in ["reagent", *cfg.evaluation.baselines] if m in means}
     manifest = {"config": config_to_dict(cfg), "versions": versions(), "model_dir": str(model_dir), "summary": summary,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     table = attributions_table(attributions)
