@@ -26,7 +26,6 @@ from freeshap_ray.io.apps_store import (
     DETECTION_SCHEMA,
     SCORES_SCHEMA,
     SUSPECTS_SCHEMA,
-    AppsLayout,
     read_scores,
 )
 from freeshap_ray.utility import RegressionProblem
@@ -103,7 +102,7 @@ def test_inject_noise_is_seeded_and_flips_to_another_class():
 
 
 def test_clean_writes_every_table_with_its_schema(run):
-    apps = AppsLayout.of(run["out"])
+    apps = Layout.of(run["out"])
     for path, schema in ((apps.suspects, SUSPECTS_SCHEMA), (apps.noise_suspects, SUSPECTS_SCHEMA),
                          (apps.scores, SCORES_SCHEMA), (apps.noise_scores, SCORES_SCHEMA),
                          (apps.curves, CURVES_SCHEMA), (apps.detection, DETECTION_SCHEMA)):
@@ -116,7 +115,7 @@ def test_clean_writes_every_table_with_its_schema(run):
 
 
 def test_suspects_are_ranked_by_value_with_loo_predictions(run):
-    sus = pq.read_table(AppsLayout.of(run["out"]).suspects).to_pandas()
+    sus = pq.read_table(Layout.of(run["out"]).suspects).to_pandas()
     vals = pq.read_table(Layout.of(run["out"]).values).to_pandas()
     assert sus["rank"].tolist() == list(range(N_TRAIN))
     assert np.all(np.diff(sus["value"].to_numpy()) >= 0)  # most suspicious (lowest value) first
@@ -144,20 +143,20 @@ def test_freeshap_finds_most_flipped_points_in_the_first_fifth(run):
     assert fs["recall_at_0.2"] >= 0.7, noise
     assert fs["recall_at_0.2"] >= rnd["recall_at_0.2"] + 0.3, noise
     assert fs["auc"] >= 0.8 and fs["auc"] > rnd["auc"] + 0.2
-    sus = pq.read_table(AppsLayout.of(run["out"]).noise_suspects).to_pandas()
+    sus = pq.read_table(Layout.of(run["out"]).noise_suspects).to_pandas()
     assert int(sus["flipped"].sum()) == 10
     flipped = sus[sus["flipped"]]
     assert (flipped["label"] != flipped["original_label"]).all()
     assert (sus[~sus["flipped"]]["label"] == sus[~sus["flipped"]]["original_label"]).all()
     # the detection table's freeshap curve reaches recall 1 at the end and agrees with the summary
-    det = pq.read_table(AppsLayout.of(run["out"]).detection).to_pandas()
+    det = pq.read_table(Layout.of(run["out"]).detection).to_pandas()
     d = det[det["method"] == "freeshap"].sort_values("fraction_inspected")
     assert d["fraction_found"].iloc[-1] == 1.0
     assert np.trapezoid(d["fraction_found"], d["fraction_inspected"]) == pytest.approx(fs["auc"])
 
 
 def test_random_removal_stays_near_full_accuracy_and_values_order_the_curves(run):
-    c = pq.read_table(AppsLayout.of(run["out"]).curves).to_pandas()
+    c = pq.read_table(Layout.of(run["out"]).curves).to_pandas()
     full = c[(c["method"] == "freeshap") & (c["curve"] == "remove_high") & (c["fraction"] == 0)]["accuracy"].item()
     rnd = c[(c["method"] == "random") & (c["curve"] == "remove_high") & (c["fraction"] <= 0.5)]
     assert (np.abs(rnd["accuracy"] - full) <= 0.08).all(), rnd
@@ -218,13 +217,13 @@ def test_clean_cli_without_noise_and_full_kernel(ray_local, tmp_path, capsys):
     prob = RegressionProblem.from_kernels(full_tt, full_st, y, yt, n_classes=2)
     pred = KernelSurrogate.fit(prob).loo_train_predictions()
     assert np.array_equal(sus.sort_values("index")["predicted_label"].to_numpy(), pred.argmax(1))
-    assert not AppsLayout.of(out).detection.exists()
+    assert not Layout.of(out).detection.exists()
     assert main(["clean", str(cfg_file), "--no-progress"]) == 2  # exists; needs --overwrite
-    stale = AppsLayout.of(out).detection  # as if an earlier clean had run the noise evaluation
+    stale = Layout.of(out).detection  # as if an earlier clean had run the noise evaluation
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
     assert main(["clean", str(cfg_file), "--no-progress", "--overwrite"]) == 0
-    assert not stale.exists() and AppsLayout.of(out).summary.is_file()
+    assert not stale.exists() and Layout.of(out).summary.is_file()
 
 
 def test_suspects_stream_from_parquet_without_reading_whole_tables(tmp_path, monkeypatch):
@@ -289,7 +288,7 @@ def test_clean_and_report_without_kernel_stream_a_large_run(tmp_path, monkeypatc
     html = build_report(out, top_k=3)
     monkeypatch.setattr(pq, "read_table", real)
     assert 'id="fig-values"' in html and f"example {int(np.argmin(v))}" in html
-    sus = pq.ParquetFile(AppsLayout.of(out).suspects)
+    sus = pq.ParquetFile(Layout.of(out).suspects)
     first = next(sus.iter_batches(batch_size=5, columns=["index", "value", "predicted_label"]))
     assert first.column("index").to_pylist() == np.argsort(v, kind="stable")[:5].tolist()
     assert first.column("predicted_label").null_count == 5

@@ -11,7 +11,7 @@ import pytest
 from freeshap_ray import load_kernel
 from freeshap_ray.cli import main
 
-from .helpers import LABELS, TEXTS, write_csv
+from .helpers import TEXTS, write_csv
 
 TINY = [
     "model.path=tiny:llama",

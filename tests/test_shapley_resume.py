@@ -14,7 +14,7 @@ from freeshap_ray.distributed.shapley_job import run_resumable
 from freeshap_ray.errors import OutputError
 from freeshap_ray.io import Layout, MarginalsStore, write_examples, write_kernel_manifest, write_kernel_tile
 from freeshap_ray.utility import RegressionProblem
-from freeshap_ray.valuation import StoppingRule, exact_shapley
+from freeshap_ray.valuation import exact_shapley
 
 
 class Interrupt(RuntimeError):

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from ..config import JobConfig, config_to_dict
 from ..errors import ConfigError, OutputError
 from ..io import Layout, load_kernel, write_json_atomic
-from ..io.apps_store import SUSPECTS_SCHEMA, AppsLayout, write_curves, write_detection, write_scores
+from ..io.apps_store import SUSPECTS_SCHEMA, write_curves, write_detection, write_scores
 from ..io.atomic import atomic_path
 from ..utility import RegressionProblem
 from .baselines import KernelSurrogate, baseline_scores
@@ -165,7 +165,7 @@ class CleanInputs:
                  shapley_info: dict[str, Any]):
         self.cfg, self.values, self.stderr, self.labels = cfg, values, stderr, labels
         self.label_names, self.kernel, self.y_test, self.shapley_info = label_names, kernel, y_test, shapley_info
-        self.layout, self.apps = Layout.of(cfg.output), AppsLayout.of(cfg.output)
+        self.layout = Layout.of(cfg.output)
 
     @property
     def n(self) -> int:
@@ -211,10 +211,10 @@ def _check_against_manifest(cfg: JobConfig, layout: Layout) -> dict[str, Any]:
 def prepare_clean(cfg: JobConfig, *, overwrite: bool = False) -> CleanInputs:
     """Check config, outputs and inputs of ``clean``; raise before anything is written."""
     cc = cfg.clean
-    layout, apps = Layout.of(cfg.output), AppsLayout.of(cfg.output)
+    layout = Layout.of(cfg.output)
     if not layout.root.is_dir():
         raise OutputError(f"output: {layout.root} does not exist; run `freeshap-ray run CONFIG` first")
-    existing = [p for p in apps.outputs() if p.exists()]
+    existing = [p for p in layout.outputs() if p.exists()]
     if existing and not overwrite:
         raise OutputError(f"output: {existing[0]} exists (cleaning results); pass --overwrite to replace it")
     if not cc.use_kernel:
@@ -296,7 +296,7 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
         The summary (also written to ``OUT/clean/summary.json``).
     """
     inp = inputs or prepare_clean(cfg, overwrite=overwrite)
-    cc, apps, layout = cfg.clean, inp.apps, inp.layout
+    cc, layout = cfg.clean, inp.layout
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     summary: dict[str, Any] = {
@@ -332,7 +332,7 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
             "n_negative_value": int(np.sum(inp.values < 0)),
             "methods": list(scores),
         }
-        writes.append(("scores", (apps.scores, scores, {"freeshap": inp.stderr})))
+        writes.append(("scores", (layout.scores, scores, {"freeshap": inp.stderr})))
         if cc.curves:
             t = time.perf_counter()
             rows = []
@@ -349,9 +349,9 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
                 timings["finetune"] = time.perf_counter() - t
                 summary["finetune"] = [{k2: r[k2] for k2 in ("method", "curve", "fraction", "n_train", "accuracy")}
                                        for r in ft]
-            writes.append(("curves", (apps.curves, rows)))
+            writes.append(("curves", (layout.curves, rows)))
         del surrogate
-    writes.insert(0, ("suspects", (apps.suspects, order_given, cols)))
+    writes.insert(0, ("suspects", (layout.suspects, order_given, cols)))
 
     if cc.noise_fraction > 0:
         t = time.perf_counter()
@@ -373,9 +373,9 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
                  "predicted_label": np.argmax(nsur.loo_train_predictions(), axis=1), "loo_margin": nsur.loo_margin(),
                  "flipped": flipped, "original_label": inp.labels}
         norder = rank_order(nv, noisy, per_class_normalise=cc.per_class_normalise)
-        writes += [("suspects", (apps.noise_suspects, norder, ncols)),
-                   ("scores", (apps.noise_scores, nscores, {"freeshap": nse})),
-                   ("detection", (apps.detection, curves))]
+        writes += [("suspects", (layout.noise_suspects, norder, ncols)),
+                   ("scores", (layout.noise_scores, nscores, {"freeshap": nse})),
+                   ("detection", (layout.detection, curves))]
         timings["noise_baselines"] = time.perf_counter() - t
         summary["noise"] = {
             "fraction": cc.noise_fraction, "seed": cc.noise_seed, "n_flipped": int(flipped.sum()),
@@ -385,10 +385,10 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
 
     # ---- write (everything is computed); the summary goes last, outputs of an earlier clean are replaced ----
     t = time.perf_counter()
-    if apps.summary.exists():
-        apps.summary.unlink()
+    if layout.summary.exists():
+        layout.summary.unlink()
     written = {args[0] for _, args in writes}
-    for stale in apps.outputs():
+    for stale in layout.outputs():
         if stale not in written and stale.exists():
             stale.unlink()
     for kind, args in writes:
@@ -405,7 +405,7 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
     timings["total"] = time.perf_counter() - t0
     summary["seconds"] = timings
     summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json_atomic(summary, apps.summary)
+    write_json_atomic(summary, layout.summary)
     return CleanResult(summary)
 
 
@@ -439,21 +439,21 @@ def _curve_summary(rows: list[dict]) -> dict[str, Any]:
 
 def summary_lines(summary: dict[str, Any], out_dir: str | Path) -> list[str]:
     """Human-readable lines about a finished ``clean`` (the CLI prints them)."""
-    apps = AppsLayout.of(out_dir)
-    lines = [f"clean: {summary['n_train']} training points ranked ({summary['ranking']}) -> {apps.suspects}"]
+    layout = Layout.of(out_dir)
+    lines = [f"clean: {summary['n_train']} training points ranked ({summary['ranking']}) -> {layout.suspects}"]
     given = summary.get("given")
     if given:
         lines.append(f"  surrogate test accuracy {given['surrogate_test_accuracy']:.4f}; {given['n_loo_disagree']} points' "
                      f"leave-one-out prediction disagrees with their label; {given['n_negative_value']} negative values")
     if "curves" in summary:
-        lines.append(f"  removal/selection curves -> {apps.curves}")
+        lines.append(f"  removal/selection curves -> {layout.curves}")
     noise = summary.get("noise")
     if noise:
         f = noise["inspect_fraction"]
         lines.append(f"  noise evaluation: {noise['n_flipped']} labels flipped ({noise['fraction']:g}, seed {noise['seed']}) "
-                     f"-> {apps.detection}")
+                     f"-> {layout.detection}")
         lines.append(f"    {'method':12s} {'AUC':>7s} {'recall@' + format(f, '.0%'):>12s}")
         for m, d in noise["methods"].items():
             lines.append(f"    {m:12s} {d['auc']:7.3f} {d[f'recall_at_{f:g}']:12.3f}")
-    lines.append(f"  summary -> {apps.summary}; `freeshap-ray report {out_dir}` writes the HTML report")
+    lines.append(f"  summary -> {layout.summary}; `freeshap-ray report {out_dir}` writes the HTML report")
     return lines

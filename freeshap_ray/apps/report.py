@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from ..io import Layout
-from ..io.apps_store import AppsLayout, read_curves, read_detection, read_summary
+from ..io.apps_store import read_curves, read_detection, read_summary
 from ..io.atomic import atomic_path
 
 __all__ = ["FIGURE_IDS", "build_report", "write_report"]
@@ -73,7 +73,7 @@ window.addEventListener('load', function () {
 class _Run:
     def __init__(self, out_dir: Path):
         self.root = Path(out_dir)
-        self.layout, self.apps = Layout.of(self.root), AppsLayout.of(self.root)
+        self.layout = Layout.of(self.root)
         if not self.root.is_dir():
             raise OutputError(f"{self.root}: not a directory (give the `output` directory of a run)")
         if not self.layout.values.is_file():
@@ -125,18 +125,18 @@ class _Run:
 
     def predicted_names(self, indices: np.ndarray) -> dict[int, str | None]:
         """LOO-predicted label names of ``indices`` from suspects.parquet (empty if absent)."""
-        if not self.apps.suspects.is_file() or len(indices) == 0:
+        if not self.layout.suspects.is_file() or len(indices) == 0:
             return {}
-        ds = pads.dataset(str(self.apps.suspects), format="parquet")
+        ds = pads.dataset(str(self.layout.suspects), format="parquet")
         want = pa.array(np.asarray(indices, dtype=np.int64))
         t = ds.to_table(columns=["index", "predicted_label_name"], filter=pc.field("index").isin(want))
         return dict(zip(t.column("index").to_pylist(), t.column("predicted_label_name").to_pylist()))
 
     def suspected_mislabels(self, k: int) -> tuple[list[dict[str, Any]], int]:
         """First ``k`` suspects whose LOO prediction disagrees with the label (streamed), and their total."""
-        if not self.apps.suspects.is_file():
+        if not self.layout.suspects.is_file():
             return [], 0
-        pf = pq.ParquetFile(self.apps.suspects)
+        pf = pq.ParquetFile(self.layout.suspects)
         out: list[dict[str, Any]] = []
         total = 0
         for batch in pf.iter_batches(batch_size=8192, columns=["rank", "index", "text", "label_name",
@@ -368,8 +368,8 @@ def build_report(out_dir: str | Path, *, top_k: int = 10) -> str:
     # detection
     parts.append("<h2 id='sec-detection'>Wrong-label detection</h2>")
     noise = summ.get("noise")
-    if noise and run.apps.detection.is_file():
-        det = read_detection(run.apps.detection)
+    if noise and run.layout.detection.is_file():
+        det = read_detection(run.layout.detection)
         parts.append(f"<p>{noise['n_flipped']} of {run.n} training labels ({noise['fraction']:.0%}, seed {noise['seed']}) were "
                      "flipped; values and baselines were recomputed on the noisy labels with the same kernel, and points "
                      "were inspected from the lowest score up.</p>")
@@ -391,8 +391,8 @@ def build_report(out_dir: str | Path, *, top_k: int = 10) -> str:
 
     # curves
     parts.append("<h2 id='sec-curves'>Data removal and selection</h2>")
-    if run.apps.curves.is_file():
-        parts.append(_figure("fig-curves", _fig_curves(read_curves(run.apps.curves)),
+    if run.layout.curves.is_file():
+        parts.append(_figure("fig-curves", _fig_curves(read_curves(run.layout.curves)),
                              "Test accuracy of the kernel surrogate refitted on the remaining points. A good valuation "
                              "drops fastest when removing high values, rises when removing low values, and its top-k "
                              "selections beat random ones (grey: random order, mean ± std)."))
@@ -445,7 +445,7 @@ def build_report(out_dir: str | Path, *, top_k: int = 10) -> str:
 def write_report(out_dir: str | Path, path: str | Path | None = None, *, top_k: int = 10) -> Path:
     """Write the report of ``out_dir`` to ``path`` (default ``OUT_DIR/report.html``) atomically."""
     text = build_report(out_dir, top_k=top_k)
-    target = Path(path) if path is not None else AppsLayout.of(out_dir).report
+    target = Path(path) if path is not None else Layout.of(out_dir).report
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return target

@@ -17,7 +17,6 @@ Scores are "values": higher means more helpful, lower more suspicious, for every
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,10 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from .atomic import write_parquet_atomic
+from .layout import Layout
 
 __all__ = [
     "APPS_SCHEMA_VERSION",
-    "AppsLayout",
     "CURVES_SCHEMA",
     "DETECTION_SCHEMA",
     "SCORES_SCHEMA",
@@ -101,62 +100,6 @@ DETECTION_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class AppsLayout:
-    """Paths of the cleaning and report outputs of one run directory."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, root: str | Path) -> AppsLayout:
-        return cls(Path(root))
-
-    @property
-    def suspects(self) -> Path:
-        return self.root / "suspects.parquet"
-
-    @property
-    def clean_dir(self) -> Path:
-        return self.root / "clean"
-
-    @property
-    def scores(self) -> Path:
-        return self.clean_dir / "scores.parquet"
-
-    @property
-    def curves(self) -> Path:
-        return self.clean_dir / "curves.parquet"
-
-    @property
-    def noise_dir(self) -> Path:
-        return self.clean_dir / "noise"
-
-    @property
-    def noise_suspects(self) -> Path:
-        return self.noise_dir / "suspects.parquet"
-
-    @property
-    def noise_scores(self) -> Path:
-        return self.noise_dir / "scores.parquet"
-
-    @property
-    def detection(self) -> Path:
-        return self.noise_dir / "detection.parquet"
-
-    @property
-    def summary(self) -> Path:
-        return self.clean_dir / "summary.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
-
-    def outputs(self) -> list[Path]:
-        """Every path ``clean`` writes (the summary last)."""
-        return [self.suspects, self.scores, self.curves, self.noise_suspects, self.noise_scores, self.detection,
-                self.summary]
-
-
 def scores_table(scores: dict[str, np.ndarray], stderr: dict[str, np.ndarray] | None = None) -> pa.Table:
     """Long table (``SCORES_SCHEMA``) of ``{method: (n,) scores}`` with optional ``{method: (n,) stderr}``."""
     stderr = stderr or {}
@@ -221,7 +164,7 @@ def read_detection(path: Path) -> pa.Table:
 
 def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
     """The cleaning summary of a run directory, or None if ``clean`` has not finished there."""
-    path = AppsLayout.of(out_dir).summary
+    path = Layout.of(out_dir).summary
     if not path.is_file():
         return None
     try:

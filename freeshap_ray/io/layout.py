@@ -11,6 +11,9 @@ OUT/shapley/run.json                   what the marginals are of (problem digest
 OUT/shapley/marginals/part-NNNNN.parquet            per-permutation marginal contributions (whole permutations)
 OUT/values.parquet                     one row per training example
 OUT/values_per_test.parquet            (per_test_point) one row per (training, test) pair
+OUT/suspects.parquet                   `clean`: training points ranked by suspicion
+OUT/clean/{scores,curves}.parquet, OUT/clean/noise/*, OUT/clean/summary.json   `clean` outputs
+OUT/report.html                        `report`
 ```
 """
 
@@ -73,3 +76,49 @@ class Layout:
     @property
     def values_per_test(self) -> Path:
         return self.root / "values_per_test.parquet"
+
+    # ---- cleaning and report (freeshap-ray clean / report)
+    @property
+    def suspects(self) -> Path:
+        return self.root / "suspects.parquet"
+
+    @property
+    def clean_dir(self) -> Path:
+        return self.root / "clean"
+
+    @property
+    def scores(self) -> Path:
+        return self.clean_dir / "scores.parquet"
+
+    @property
+    def curves(self) -> Path:
+        return self.clean_dir / "curves.parquet"
+
+    @property
+    def noise_dir(self) -> Path:
+        return self.clean_dir / "noise"
+
+    @property
+    def noise_suspects(self) -> Path:
+        return self.noise_dir / "suspects.parquet"
+
+    @property
+    def noise_scores(self) -> Path:
+        return self.noise_dir / "scores.parquet"
+
+    @property
+    def detection(self) -> Path:
+        return self.noise_dir / "detection.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.clean_dir / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    def outputs(self) -> list[Path]:
+        """Every path ``clean`` writes (the summary last)."""
+        return [self.suspects, self.scores, self.curves, self.noise_suspects, self.noise_scores, self.detection,
+                self.summary]
