@@ -128,8 +128,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         stage = pipeline.prepare_kernel_stage(cfg, overwrite=args.overwrite)
         with _runtime(cfg, args.address):
             info = pipeline.run_kernel_stage(stage, progress=progress)
+            how = "reused the finished kernel" if info.get("reused") else f"in {info['seconds']['total']:.1f} s"
             print(f"kernel: {info['n_train']}x{info['n_train']} + {info['n_test']}x{info['n_train']} "
-                  f"({info['kind']}, {info['n_params']:,} parameters) in {info['seconds']['total']:.1f} s -> {stage.layout.kernel_dir}")
+                  f"({info['kind']}, {info['n_params']:,} parameters) {how} -> {stage.layout.kernel_dir}")
             if args.command == "run":
                 s = pipeline.run_shapley_stage(cfg, overwrite=True, progress=progress)
     else:

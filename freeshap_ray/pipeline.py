@@ -76,25 +76,27 @@ class KernelStage:
         param_names, param_sizes: the selected parameters (model order) and their sizes.
         model_info: label-token ids and model kind, for the manifest.
         resume: finished tiles of an interrupted run with the same plan are kept.
+        finished: a finished kernel of the same plan is already there and is reused as is.
     """
 
     def __init__(self, cfg: JobConfig, splits: Splits, model_dir: Path, param_names: list[str],
-                 param_sizes: list[int], model_info: dict[str, Any], resume: bool):
+                 param_sizes: list[int], model_info: dict[str, Any], resume: bool, finished: bool = False):
         self.cfg, self.splits, self.model_dir = cfg, splits, model_dir
         self.param_names, self.param_sizes, self.model_info, self.resume = param_names, param_sizes, model_info, resume
+        self.finished = finished
         self.layout = Layout.of(cfg.output)
 
 
 def prepare_kernel_stage(cfg: JobConfig, *, overwrite: bool = False, train=None, test=None) -> KernelStage:
     """Load data, resolve the model and check template/label words; raise before writing anything.
 
-    An unfinished kernel of the same plan under ``cfg.output`` is resumed (finished tiles are kept);
-    one of a different plan is an error unless ``overwrite``.
+    A finished kernel of the same plan under ``cfg.output`` is reused, an unfinished one is resumed
+    (finished tiles are kept); one of a different plan is an error unless ``overwrite``.
     """
     from .distributed.kernel_job import check_resumable, plan_signature
 
     layout = Layout.of(cfg.output)
-    _guard([layout.kernel_manifest, layout.values], overwrite, "a finished kernel or values")
+    _guard([layout.values], overwrite, "finished values")
     splits = load_splits(cfg.data, train=train, test=test)
     model_dir = resolve_model_path(cfg.model.path, cache_dir=cfg.model.cache_dir, seed=cfg.model.seed)
     clf = load_classifier(model_dir, cfg.model)  # checks template, label words, parameter selection
@@ -104,6 +106,11 @@ def prepare_kernel_stage(cfg: JobConfig, *, overwrite: bool = False, train=None,
     info = {"model_kind": clf.kind, "label_token_ids": clf.label_token_ids}
     del clf, params
     signature = plan_signature(list(splits.train.texts), list(splits.test.texts), cfg.model, cfg.kernel)
+    if layout.kernel_manifest.is_file() and not overwrite:
+        if json.loads(layout.kernel_manifest.read_text()).get("signature") != signature:
+            raise OutputError(f"output: {layout.kernel_manifest} is a finished kernel of a different config/data; "
+                              "pass --overwrite to replace it")
+        return KernelStage(cfg, splits, model_dir, names, sizes, info, resume=True, finished=True)
     resume = check_resumable(layout, signature, overwrite)
     return KernelStage(cfg, splits, model_dir, names, sizes, info, resume)
 
@@ -117,6 +124,8 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     from .distributed.kernel_job import compute_kernel
 
     cfg, splits, layout = stage.cfg, stage.splits, stage.layout
+    if stage.finished:
+        return {**json.loads(layout.kernel_manifest.read_text()), "reused": True}
     stale = [layout.kernel_manifest, layout.marginals_dir.parent, layout.values, layout.values_per_test]
     if not stage.resume:
         stale.append(layout.kernel_dir)

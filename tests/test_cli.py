@@ -95,6 +95,9 @@ def test_stages_separately_match_run(tiny_run, tmp_path, ray_local):
     out = tmp_path / "staged"
     assert main(["kernel", *_args(csv, out)]) == 0
     assert not (out / "values.parquet").exists()
+    tiles = {p: p.stat().st_mtime_ns for p in (out / "kernel").rglob("tile-*.parquet")}
+    assert main(["kernel", *_args(csv, out)]) == 0  # a finished kernel of the same plan is reused
+    assert {p: p.stat().st_mtime_ns for p in (out / "kernel").rglob("tile-*.parquet")} == tiles
     assert main(["shapley", *_args(csv, out)]) == 0
     a, b = load_kernel(out), load_kernel(out_run)
     np.testing.assert_allclose(a["train_train"], b["train_train"], rtol=1e-6)
@@ -160,3 +163,12 @@ def test_unfinished_kernel_of_other_plan_is_not_mixed(tmp_path, capsys):
     (out / "kernel" / "plan.json").write_text(json.dumps({"signature": "something-else"}))
     assert main(["kernel", *_args(csv, out)]) == 2
     assert "unfinished kernel" in capsys.readouterr().err
+
+
+def test_finished_kernel_of_other_config_is_not_reused(tmp_path, capsys):
+    csv = write_csv(tmp_path / "train.csv")
+    out = tmp_path / "out"
+    (out / "kernel").mkdir(parents=True)
+    (out / "kernel" / "manifest.json").write_text(json.dumps({"signature": "another-plan"}))
+    assert main(["run", *_args(csv, out)]) == 2
+    assert "different config" in capsys.readouterr().err
