@@ -1,7 +1,7 @@
 """Ray runtime: connect to a cluster when an address is given, else start an embedded local one.
 
 The embedded runtime binds 127.0.0.1 only and is shut down when the context exits. Nothing here ever
-runs ``ray stop``: only a runtime this process started is shut down.
+stops a cluster it did not start: only a runtime this process started is shut down.
 """
 
 from __future__ import annotations
