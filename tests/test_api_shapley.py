@@ -42,7 +42,7 @@ def test_per_test_point_on_ray(ray_local):
     exact = exact_shapley(RegressionProblem.from_kernels(k, kt, y, yt, **kw), "neg_ce", per_test_point=True)
     assert res.values.shape == (6, 5)
     z = np.abs(res.values - exact) / res.stderr
-    assert z.max() < 3.5  # 30 comparisons
+    assert z.max() < 3.0
 
 
 def test_batching_does_not_change_values(ray_local):

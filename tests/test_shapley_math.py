@@ -229,8 +229,8 @@ def test_tmc_mean_matches_exact(utility, per_test):
     # entries whose marginal never varied must equal the exact value
     np.testing.assert_allclose(res.values[~sampled], exact[~sampled], atol=1e-9)
     z = np.abs(res.values[sampled] - exact[sampled]) / res.stderr[sampled]
-    # 6 comparisons (mean) or 120 (per test point): allow 3 sigma, 3.5 for the multiple-comparison case
-    assert z.max() < (3.5 if per_test else 3.0), z.max()
+    # within 3 standard errors, also for each of the 120 per-test-point comparisons (fixed seed)
+    assert z.max() < 3.0, z.max()
     # efficiency holds for every permutation, hence for the mean
     total = full_utility(prob, utility, per_test) - empty_utility(prob, utility, per_test)
     np.testing.assert_allclose(res.values.sum(axis=0), total, atol=1e-10)
