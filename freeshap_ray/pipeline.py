@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import JobConfig, config_to_dict
 from .data import Splits, load_splits
+from .grads import param_sizes
 from .errors import OutputError
 from .io import (
     Layout,
@@ -101,10 +102,9 @@ def prepare_kernel_stage(cfg: JobConfig, *, overwrite: bool = False, train=None,
     model_dir = resolve_model_path(cfg.model.path, cache_dir=cfg.model.cache_dir, seed=cfg.model.seed)
     clf = load_classifier(model_dir, cfg.model)  # checks template, label words, parameter selection
     names = select_params(clf, cfg.model.params)
-    params = dict(clf.named_parameters())
-    sizes = [params[n].numel() for n in names]
+    sizes = param_sizes(clf, names)
     info = {"model_kind": clf.kind, "label_token_ids": clf.label_token_ids}
-    del clf, params
+    del clf
     signature = plan_signature(list(splits.train.texts), list(splits.test.texts), cfg.model, cfg.kernel)
     if layout.kernel_manifest.is_file() and not overwrite:
         if json.loads(layout.kernel_manifest.read_text()).get("signature") != signature:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from freeshap_ray.config import KernelConfig, ModelConfig
-from freeshap_ray.grads import flat_jacobian
+from freeshap_ray.grads import flat_jacobian, param_sizes
 from freeshap_ray.io import Layout, load_kernel
 from freeshap_ray.kernel import kernel_tile
 from freeshap_ray.models import load_classifier, resolve_model_path, select_params
@@ -69,11 +69,6 @@ def test_last_k_selection(spec, expect_blocks):
     assert "head.weight" in names and any(n.endswith("norm.weight") and "layers" not in n for n in names)
 
 
-def _sizes(clf, names):
-    params = dict(clf.named_parameters())
-    return [params[n].numel() for n in names]
-
-
 @pytest.mark.parametrize(
     "arch,kind,params,shards",
     [
@@ -93,7 +88,7 @@ def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind, params, s
     layout = Layout.of(tmp_path / "out")
     kcfg = KernelConfig(kind=kind, block_size=2, num_actors=2, num_cpus_per_actor=0.5, param_shards=shards)
     result = compute_kernel(train, test, model_dir, cfg, kcfg, layout, param_names=names,
-                            param_sizes=_sizes(clf, names), progress=False)
+                            param_sizes=param_sizes(clf, names), progress=False)
     assert len(result.info["tiles"]["train_train"]) == 6 and len(result.info["tiles"]["test_train"]) == 6
     assert len(result.info["param_shards"]) == shards and result.info["tiles_computed"] == 12
     kernel = load_kernel(layout.root)
@@ -116,7 +111,7 @@ def test_killed_actor_is_replaced_and_resume_skips_finished_tiles(ray_local, tmp
     train, test = TEXTS[:6], TEXTS[6:8]
     kcfg = KernelConfig(block_size=2, num_actors=2, num_cpus_per_actor=0.5, param_shards=2, max_restarts=2)
     args = (train, test, model_dir, cfg, kcfg)
-    kw = dict(param_names=names, param_sizes=_sizes(clf, names), progress=False)
+    kw = dict(param_names=names, param_sizes=param_sizes(clf, names), progress=False)
 
     def kill_once(actors, written):
         if written == 1:

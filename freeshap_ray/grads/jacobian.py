@@ -9,15 +9,20 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from ..models.prompt import EncodedBatch, PromptClassifier
 
-__all__ = ["flat_jacobian", "selected_param_count"]
+__all__ = ["flat_jacobian", "param_sizes", "selected_param_count"]
 
 KernelKind = Literal["first_logit", "full"]
 
 
+def param_sizes(clf: PromptClassifier, names: list[str]) -> list[int]:
+    """Number of scalars of each selected parameter tensor, in ``names`` order."""
+    params = dict(clf.named_parameters())
+    return [params[n].numel() for n in names]
+
+
 def selected_param_count(clf: PromptClassifier, names: list[str]) -> int:
     """Number of scalar parameters P in the selection."""
-    params = dict(clf.named_parameters())
-    return sum(params[n].numel() for n in names)
+    return sum(param_sizes(clf, names))
 
 
 def flat_jacobian(

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..grads import flat_jacobian, selected_param_count
+from ..grads import flat_jacobian
 from ..models import load_classifier, select_params
 from .ntk import kernel_tile
 
@@ -52,16 +52,6 @@ class KernelWorker:
         self.names = selected
         self.device = device
 
-    def info(self) -> dict:
-        """Selected parameter count and names (for the manifest)."""
-        return {
-            "n_params": selected_param_count(self.clf, self.names),
-            "n_param_tensors": len(self.names),
-            "n_classes": self.clf.n_classes,
-            "label_token_ids": self.clf.label_token_ids,
-            "model_kind": self.clf.kind,
-        }
-
     def jacobian(self, texts: list[str]) -> np.ndarray:
         """(B, C', P) float32 per-example Jacobians of a block of texts (on the host)."""
         batch = self.clf.encode(texts)
@@ -70,10 +60,3 @@ class KernelWorker:
     def tile(self, ja: np.ndarray, jb: np.ndarray, chunk: int) -> np.ndarray:
         """float64 kernel tile between two Jacobian blocks (see :func:`kernel_tile`)."""
         return kernel_tile(ja, jb, chunk=chunk)
-
-    def logits(self, texts: list[str]) -> np.ndarray:
-        """(B, C) label-word logits of the classifier at its pretrained weights."""
-        batch = self.clf.encode(texts)
-        with torch.no_grad():
-            out = self.clf(batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.read_pos.to(self.device))
-        return out.cpu().numpy()
