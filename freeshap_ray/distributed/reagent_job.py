@@ -148,6 +148,8 @@ def run_reagent_job(cfg: ReagentJobConfig, *, overwrite: bool = False, progress:
         "converged_targets": int(sum(s["converged"] for s in reagent_rows)),
         "forward_rows": int(sum(s["forward_rows"] for s in reagent_rows)),
         "forward_calls": int(sum(s["forward_calls"] for s in reagent_rows)),
+        "forward_tokens": int(sum(s.get("forward_tokens", 0) for s in reagent_rows)),
+        "packed_forward": bool(reagent_rows) and all(s.get("packed_forward", False) for s in reagent_rows),
         "seconds": {"prepare": t_prep, "attribute": t_attr, "total": time.perf_counter() - t0},
         "num_actors": n_actors,
     }

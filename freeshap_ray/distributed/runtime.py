@@ -39,10 +39,15 @@ def _force_loopback() -> None:
 
 
 def init_local(num_cpus: int | None = None, *, include_dashboard: bool = False, log_to_driver: bool = True) -> None:
-    """Start an embedded single-node Ray bound to 127.0.0.1."""
+    """Start an embedded single-node Ray bound to 127.0.0.1.
+
+    ``address="local"``: always a new private instance, never a cluster that ``ray start`` left running
+    on this machine (plain ``ray.init()`` would connect to that one).
+    """
     _force_loopback()
     log.info("starting embedded Ray on 127.0.0.1 (num_cpus=%s)", num_cpus)
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
         include_dashboard=include_dashboard,

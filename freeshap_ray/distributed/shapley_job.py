@@ -92,6 +92,11 @@ def _batch(problem: RegressionProblem, perm_ids: list[int], seed: int, utility: 
     return out
 
 
+def _batch_on_node(*args) -> tuple[str, Batch]:
+    """Ray task body: ``_batch`` plus the id of the node that ran it (recorded in the run info)."""
+    return ray.get_runtime_context().get_node_id(), _batch(*args)
+
+
 def _todo_ids(count: int, skip: set[int], per_sample: int) -> Iterator[int]:
     """The ``count`` smallest permutation ids not in ``skip``, whole samples (antithetic pairs) only (lazy)."""
     made, unit = 0, 0
@@ -124,10 +129,16 @@ def batch_values(batch: Batch, sampler: str, per_test_point: bool) -> tuple[Valu
     return ValuesResult.from_marginals(samples), per_test
 
 
-def cluster_slots(num_cpus_per_task: float) -> int:
-    """How many tasks of ``num_cpus_per_task`` CPUs the current Ray cluster runs at once (>= 1)."""
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(1, int(cpus // num_cpus_per_task) if num_cpus_per_task > 0 else int(cpus))
+def cluster_slots(num_cpus_per_task: float, resources_per_task: dict[str, float] | None = None) -> int:
+    """How many tasks of ``num_cpus_per_task`` CPUs (and ``resources_per_task``) the current Ray cluster runs
+    at once (>= 1)."""
+    total = ray.cluster_resources()
+    cpus = float(total.get("CPU", 1.0))
+    slots = int(cpus // num_cpus_per_task) if num_cpus_per_task > 0 else int(cpus)
+    for name, amount in (resources_per_task or {}).items():
+        if amount > 0:
+            slots = min(slots, int(float(total.get(name, 0.0)) // amount))
+    return max(1, slots)
 
 
 def run_tmc(
@@ -150,6 +161,8 @@ def run_tmc(
     initial: tuple[ValuesResult, ValuesResult | None] | None = None,
     max_in_flight: int | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    resources_per_task: dict[str, float] | None = None,
+    placement: str = "DEFAULT",
 ) -> TMCRun:
     """Run up to ``n_permutations`` permutations as Ray tasks (Ray must be initialised).
 
@@ -164,6 +177,8 @@ def run_tmc(
         initial: running estimates of those ids, merged in before the first check.
         max_in_flight: tasks submitted at once (default: 2 x the cluster's task slots).
         block_size: points per level-3 incremental update.
+        resources_per_task: custom Ray resources each task reserves.
+        placement: ``DEFAULT`` (Ray's scheduler) or ``SPREAD`` (tasks spread over the nodes).
 
     Returns:
         A :class:`TMCRun` with Welford-merged values.
@@ -185,7 +200,13 @@ def run_tmc(
     v_empty = float(np.mean(empty_utility(problem, utility)))
     n_todo = math.ceil(n_permutations / unit) * unit
     todo = _todo_ids(n_todo, set(int(i) for i in skip_ids), unit)
-    slots = cluster_slots(num_cpus_per_task)
+    if placement not in ("DEFAULT", "SPREAD"):
+        raise ValueError(f"placement: must be 'DEFAULT' or 'SPREAD', got {placement!r}")
+    resources = {k: float(v) for k, v in (resources_per_task or {}).items() if v}
+    missing = [k for k in resources if k not in ray.cluster_resources()]
+    if missing:
+        log.warning("resources_per_task: no node of this cluster has %s yet; tasks wait until one joins", missing)
+    slots = cluster_slots(num_cpus_per_task, resources)
     per_task = max(1, min(permutations_per_task, math.ceil(n_todo / slots))) if n_todo else 1
     per_task = math.ceil(per_task / unit) * unit
     in_flight = max_in_flight or 2 * slots
@@ -201,7 +222,9 @@ def run_tmc(
     truncated: list[int] = []
     stop_reason = "budget"
     problem_ref = ray.put(problem) if n_todo else None
-    task = ray.remote(num_cpus=num_cpus_per_task)(_batch)
+    task = ray.remote(num_cpus=num_cpus_per_task, resources=resources or None,
+                      scheduling_strategy=placement)(_batch_on_node)
+    task_nodes: dict[str, int] = {}
 
     def submit() -> bool:
         ids = next(chunks, None)
@@ -229,12 +252,13 @@ def run_tmc(
                 stop_reason = f"time budget: {max_seconds:g} s"
                 break
             try:
-                batch: Batch = ray.get(done[0])
+                node, batch = ray.get(done[0])
             except ray.exceptions.RayTaskError as err:
                 cause = getattr(err, "cause", None)
                 if isinstance(cause, FreeShapError):
                     raise cause from None
                 raise
+            task_nodes[node] = task_nodes.get(node, 0) + 1
             if on_batch is not None:
                 on_batch(batch)
             b_overall, b_per_test = batch_values(batch, sampler, per_test_point)
@@ -263,7 +287,8 @@ def run_tmc(
     overall.info.update(n_permutations=int(perm_ids.size),
                         mean_truncated_at=float(truncated_at.mean()) if truncated_at.size else float("nan"))
     return TMCRun(overall, per_test, v_full, v_empty, perm_ids, truncated_at, time.perf_counter() - t0,
-                  stop_reason, {"permutations_per_task": per_task, "max_in_flight": in_flight, "slots": slots})
+                  stop_reason, {"permutations_per_task": per_task, "max_in_flight": in_flight, "slots": slots,
+                                "task_nodes": task_nodes})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,6 +468,8 @@ def run_resumable(
     sign_splits: int = 100,
     progress: bool = True,
     on_batch: Callable[[Batch], None] | None = None,
+    resources_per_task: dict[str, float] | None = None,
+    placement: str = "DEFAULT",
 ) -> StreamedRun:
     """Run permutations with every finished batch streamed to ``store``; resume what is there.
 
@@ -502,14 +529,14 @@ def run_resumable(
         truncation_patience=truncation_patience, seed=seed, per_test_point=per_test_point,
         permutations_per_task=permutations_per_task, num_cpus_per_task=num_cpus_per_task, on_batch=sink,
         progress=progress, sampler=sampler, max_seconds=max_seconds, stopping=stopping,
-        skip_ids=done_this_seed, initial=initial,
+        skip_ids=done_this_seed, initial=initial, resources_per_task=resources_per_task, placement=placement,
     )
     overall, per_test, sign, info = values_from_store(store, problem.n, problem.m, sampler, per_test_point,
                                                       sign_splits=sign_splits, sign_seed=seed)
     info.update(
         utility=expected["utility"], sampler=sampler, v_full=run.v_full, v_empty=run.v_empty,
         n_resumed=int(n_existing), n_new=int(run.perm_ids.size), stop_reason=run.stop_reason,
-        seconds=run.seconds,
+        seconds=run.seconds, task_nodes=run.info["task_nodes"],
         seconds_per_permutation=run.seconds / run.perm_ids.size if run.perm_ids.size else float("nan"),
         max_stderr=float(np.max(overall.stderr)) if overall.n else float("nan"),
         **sign.as_info(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .atomic import atomic_path, write_json_atomic, write_parquet_atomic
+from .atomic import atomic_path, remove_path, write_json_atomic, write_parquet_atomic
 from .layout import Layout
 from .stores import (
     MarginalsStore,
@@ -23,6 +23,7 @@ __all__ = [
     "load_kernel",
     "read_examples",
     "read_values",
+    "remove_path",
     "write_examples",
     "write_json_atomic",
     "write_kernel_manifest",

@@ -15,12 +15,17 @@ OUT/suspects.parquet                   `clean`: training points ranked by suspic
 OUT/clean/{scores,curves}.parquet, OUT/clean/noise/*, OUT/clean/summary.json   `clean` outputs
 OUT/report.html                        `report`
 ```
+
+``OUT`` may be an object-store or filesystem URI: the run then works in a local staging copy that is
+mirrored to it (:mod:`freeshap_ray.io.remote`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from .remote import local_root
 
 __all__ = ["Layout"]
 
@@ -33,7 +38,10 @@ class Layout:
 
     @classmethod
     def of(cls, root: str | Path) -> Layout:
-        return cls(Path(root))
+        """Layout of the run at ``root``: a directory path, or an output URI (``s3://``, ``gs://``,
+        ``file://``, ...), whose local staging directory is used (see :mod:`freeshap_ray.io.remote`:
+        opened and downloaded on first use, every committed file uploaded)."""
+        return cls(local_root(root))
 
     @property
     def manifest(self) -> Path:

@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import OutputError
-from .atomic import write_json_atomic, write_parquet_atomic
+from ..errors import KernelError, OutputError
+from .atomic import remove_path, write_json_atomic, write_parquet_atomic
 from .layout import Layout
+from .remote import local_root
 
 __all__ = [
     "EXAMPLES_SCHEMA",
@@ -121,7 +122,10 @@ def read_examples(layout: Layout, split: str) -> pa.Table:
     path = layout.examples(split)
     if not path.is_file():
         raise OutputError(f"{path}: missing; run the kernel stage first (freeshap-ray kernel CONFIG)")
-    return pq.read_table(path)
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise OutputError(f"{path}: unreadable ({err}); rerun the kernel stage with --overwrite") from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,13 +155,30 @@ def write_kernel_manifest(layout: Layout, info: dict[str, Any]) -> Path:
 
 
 def _fill(out: np.ndarray, path: Path, symmetric: bool) -> None:
-    table = pq.read_table(path)
-    rows = table.column("row").to_numpy()
-    col_start = int(table.column("col_start")[0].as_py())
-    flat = np.asarray(table.column("values").combine_chunks().flatten().to_numpy(), dtype=np.float64)
+    try:
+        table = pq.read_table(path)
+        rows = table.column("row").to_numpy()
+        col_start = int(table.column("col_start")[0].as_py())
+        flat = np.asarray(table.column("values").combine_chunks().flatten().to_numpy(), dtype=np.float64)
+    except (OSError, KeyError, IndexError, pa.ArrowException) as err:
+        raise OutputError(f"{path}: missing or unreadable kernel tile ({err}); recompute the kernel "
+                          "(--overwrite)") from err
     tail = out.shape[2:]
+    width = flat.size // max(len(rows), 1) // max(int(np.prod(tail)), 1)
+    if (not len(rows) or flat.size != len(rows) * width * int(np.prod(tail)) or rows[0] < 0
+            or rows[-1] >= out.shape[0] or np.any(np.diff(rows) != 1) or col_start < 0
+            or col_start + width > out.shape[1]):
+        raise KernelError(f"{path}: tile shape does not fit the kernel of shape {out.shape} "
+                          f"(rows {rows[:1].tolist()}..{rows[-1:].tolist()}, col_start {col_start}, width {width})")
+    if not np.isfinite(flat).all():
+        raise KernelError(f"{path}: {int(flat.size - np.isfinite(flat).sum())} non-finite (nan/inf) kernel entries")
     block = flat.reshape(len(rows), -1, *tail)
     cols = slice(col_start, col_start + block.shape[1])
+    if symmetric and col_start == rows[0] and block.shape[0] == block.shape[1]:  # a diagonal tile
+        mirrored = block.swapaxes(0, 1) if not tail else block.swapaxes(0, 1).swapaxes(2, 3)
+        scale = float(np.abs(block).max())
+        if float(np.abs(block - mirrored).max()) > 1e-6 * scale:
+            raise KernelError(f"{path}: diagonal tile of the train x train kernel is not symmetric")
     out[rows[0] : rows[-1] + 1, cols] = block
     if symmetric:
         mirrored = block.swapaxes(0, 1)
@@ -177,8 +198,13 @@ def load_kernel(out_dir: str | Path) -> dict[str, Any]:
     layout = Layout.of(out_dir)
     if not layout.kernel_manifest.is_file():
         raise OutputError(f"{layout.kernel_manifest}: missing; the kernel stage has not finished in {out_dir}")
-    info = json.loads(layout.kernel_manifest.read_text())
-    n, m, c, kind = info["n_train"], info["n_test"], info["n_classes"], info["kind"]
+    try:
+        info = json.loads(layout.kernel_manifest.read_text())
+        n, m, c, kind = info["n_train"], info["n_test"], info["n_classes"], info["kind"]
+        info["tiles"]["train_train"], info["tiles"]["test_train"]  # noqa: B018 - presence check
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise OutputError(f"{layout.kernel_manifest}: unreadable or incomplete kernel manifest ({err!r}); "
+                          "recompute the kernel (--overwrite)") from err
     tail = () if kind == "first_logit" else (c, c)
     suffix = "" if kind == "first_logit" else "_full"
     result: dict[str, Any] = {"kind": kind, "manifest": info}
@@ -213,7 +239,7 @@ class MarginalsStore:
     """
 
     def __init__(self, directory: str | Path) -> None:
-        self.dir = Path(directory)
+        self.dir = local_root(directory)  # a URI works in its staging copy (io.remote)
         self.parts_dir = self.dir / "marginals"
         self.run_file = self.dir / "run.json"
 
@@ -236,13 +262,9 @@ class MarginalsStore:
         write_json_atomic(info, self.run_file)
 
     def clear(self) -> None:
-        """Remove the run file and every part (a fresh start)."""
-        import shutil
-
-        if self.parts_dir.exists():
-            shutil.rmtree(self.parts_dir)
-        if self.run_file.exists():
-            self.run_file.unlink()
+        """Remove the run file and every part (a fresh start; under an output URI too)."""
+        remove_path(self.parts_dir)
+        remove_path(self.run_file)
 
     def write_part(self, records: list[dict[str, Any]] | pa.Table) -> Path:
         """Write ``records`` (``MARGINALS_SCHEMA`` rows, or a table of that schema) as the next part."""

@@ -1,6 +1,8 @@
-"""A plain kernel worker: holds one prompt classifier and computes Jacobian blocks and kernel tiles.
+"""A plain kernel worker: holds one prompt classifier and computes gradient blocks and kernel tiles.
 
 No Ray here: ``freeshap_ray.distributed`` turns it into an actor with ``ray.remote(**resources)``.
+A block is a :class:`~freeshap_ray.grads.features.FeatureBlock` (``method: hooks``) or a dense
+(B, C', P) Jacobian array (``method: func``); :meth:`KernelWorker.tile` accepts either.
 """
 
 from __future__ import annotations
@@ -10,10 +12,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import logging
+
 from ..config import ModelConfig
+from ..errors import ConfigError
 from ..grads import flat_jacobian
+from ..grads.features import FeatureBlock
+from ..grads.hooks import HooksUnsupported, block_features
 from ..models import load_classifier, select_params
+from .features import feature_tile
 from .ntk import kernel_tile
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KernelWorker"]
 
@@ -28,6 +38,10 @@ class KernelWorker:
         kind: ``first_logit`` or ``full``.
         threads: torch intra-op threads (match the CPUs reserved for this worker).
         device: ``cpu`` or ``cuda``.
+        method: ``hooks``, ``func`` or ``auto`` (hooks when the model allows; see ``KernelConfig``).
+        precision: ``float64`` or ``mixed`` tile GEMMs.
+        feature_memory_gb: materialised Linear gradients allowed per block (hooks).
+        micro_batch_tokens: padded tokens per batched forward+backward (hooks).
     """
 
     def __init__(
@@ -39,10 +53,19 @@ class KernelWorker:
         param_names: list[str] | None = None,
         threads: int = 1,
         device: str = "cpu",
+        method: str = "auto",
+        precision: str = "float64",
+        feature_memory_gb: float = 2.0,
+        micro_batch_tokens: int = 2048,
     ):
         torch.set_num_threads(max(1, threads))
         self.kind = kind
-        self.clf = load_classifier(model_dir, model_cfg).to(device)
+        self.precision = precision
+        self.budget = int(feature_memory_gb * (1 << 30))
+        self.micro_batch_tokens = micro_batch_tokens
+        # Fused attention for batched passes; torch.func needs eager attention (no vmap rule for SDPA).
+        attn = "eager" if method == "func" else "sdpa"
+        self.clf = load_classifier(model_dir, model_cfg, attn_implementation=attn).to(device)
         selected = select_params(self.clf, model_cfg.params)
         if param_names is not None:
             unknown = set(param_names) - set(selected)
@@ -51,12 +74,30 @@ class KernelWorker:
             selected = list(param_names)
         self.names = selected
         self.device = device
+        self.method = "func" if method == "func" else self._try_hooks(method, model_dir, model_cfg)
 
-    def jacobian(self, texts: list[str]) -> np.ndarray:
-        """(B, C', P) float32 per-example Jacobians of a block of texts (on the host)."""
+    def _try_hooks(self, method: str, model_dir, model_cfg: ModelConfig) -> str:
+        """``hooks`` if a dry run on one short text works, else ``func`` (``auto``) or an error (``hooks``)."""
+        try:
+            block_features(self.clf, self.clf.encode(["a"]), self.names, self.kind, dense_budget_bytes=0)
+            return "hooks"
+        except HooksUnsupported as err:
+            if method == "hooks":
+                raise ConfigError(f"kernel.method: 'hooks' does not support this model: {err}") from err
+            log.warning("kernel.method auto: falling back to torch.func (%s)", err)
+            self.clf = load_classifier(model_dir, model_cfg, attn_implementation="eager").to(self.device)
+            return "func"
+
+    def jacobian(self, texts: list[str]) -> FeatureBlock | np.ndarray:
+        """Gradient block of a list of texts: a FeatureBlock (hooks) or (B, C', P) float32 Jacobians (func)."""
         batch = self.clf.encode(texts)
+        if self.method == "hooks":
+            return block_features(self.clf, batch, self.names, self.kind, max_tokens=self.micro_batch_tokens,
+                                  dense_budget_bytes=self.budget)
         return flat_jacobian(self.clf, batch, self.names, self.kind).cpu().numpy()
 
-    def tile(self, ja: np.ndarray, jb: np.ndarray, chunk: int) -> np.ndarray:
-        """float64 kernel tile between two Jacobian blocks (see :func:`kernel_tile`)."""
+    def tile(self, ja: FeatureBlock | np.ndarray, jb: FeatureBlock | np.ndarray, chunk: int) -> np.ndarray:
+        """float64 kernel tile between two blocks (see :func:`feature_tile` / :func:`kernel_tile`)."""
+        if isinstance(ja, FeatureBlock):
+            return feature_tile(ja, jb, chunk=chunk, precision=self.precision)
         return kernel_tile(ja, jb, chunk=chunk)

@@ -27,6 +27,10 @@ step 3·L uniforms (mask, replacement for the update, replacement for the stop c
 they are used. The stream therefore never depends on z, so K future steps can be drawn and their
 update rows evaluated in one batch; applying the K updates in order and checking the stop rule after
 each (the K stop rows are built from the K successive states) reproduces sequential execution exactly.
+For the same reason the update rows of a probe's next block can be evaluated in the same forward call as
+the stop rows of its current block (done when the next block has at least two steps, i.e. the probe is
+already being run speculatively; the rows are discarded if the current block stops it): one forward per
+block instead of two once a probe runs long.
 The result does not depend on ``speculative_steps``, ``batch_rows``, how targets are batched or how
 they are spread over Ray actors.
 """
@@ -117,18 +121,35 @@ class _Probe:
     done: bool = False
     converged: bool = False
     replaced: np.ndarray | None = None  # short contexts: which positions were replaced at least once
+    pending: _Plan | None = None  # block whose updates are applied and whose stop rows await evaluation
 
 
 @dataclass
 class _Plan:
+    """A block of ``k`` consecutive steps of one probe, starting after ``start`` steps."""
+
     probe: _Probe
+    start: int
     k: int
     u: np.ndarray  # (K, 3, L)
     masks: np.ndarray  # (K, L)
-    rows: list = field(default_factory=list)  # (step, global row index) of update rows
-    zs: np.ndarray | None = None
-    stop_rows: list = field(default_factory=list)  # (step, global row index)
-    allowed: np.ndarray | None = None
+    rows: list = field(default_factory=list)  # (step, row index in its forward call) of update rows
+    zs: np.ndarray | None = None  # (K, L) importance logits after each step
+    stop_new: list = field(default_factory=list)  # (step, row) stop rows built from zs, not yet evaluated
+    stop_rows: list = field(default_factory=list)  # (step, row index in its forward call)
+
+
+@dataclass
+class _Call:
+    """Rows of one forward call (update and stop rows of many probes together)."""
+
+    rows: list = field(default_factory=list)
+    ys: list = field(default_factory=list)
+
+    def add(self, row: np.ndarray, y: int) -> int:
+        self.rows.append(row)
+        self.ys.append(y)
+        return len(self.rows) - 1
 
 
 class ReagentEngine:
@@ -150,12 +171,23 @@ class ReagentEngine:
     def replaceable(self, context: np.ndarray) -> np.ndarray:
         return np.flatnonzero(~np.isin(context, self.special_ids)).astype(np.int64)
 
-    def _k(self, probe: _Probe, schedule: str) -> int:
+    def _k(self, steps: int, schedule: str) -> int:
+        """Size of the block that starts after ``steps`` steps."""
         if schedule == "sequential":
             k = 1
         else:
-            k = min(self.cfg.speculative_steps, max(1, math.ceil(self.cfg.speculative_growth * probe.steps)))
-        return max(1, min(k, self.cfg.max_steps - probe.steps))
+            k = min(self.cfg.speculative_steps, max(1, math.ceil(self.cfg.speculative_growth * steps)))
+        return max(1, min(k, self.cfg.max_steps - steps))
+
+    @staticmethod
+    def _bases(targets: list[Target]) -> list[np.ndarray]:
+        """Fewest sequences of which every target context is a prefix (the targets of one prompt share
+        one: the longest context); the LM stores their keys/values for prefix reuse."""
+        bases: list[np.ndarray] = []
+        for t in sorted(targets, key=lambda t: -len(t.context)):
+            if not any(np.array_equal(seq[: len(t.context)], t.context) for seq in bases):
+                bases.append(t.context)
+        return bases
 
     # ------------------------------------------------------------------------------------------
     def run(self, targets: list[Target], *, schedule: str = "batched") -> list[TargetResult]:
@@ -164,6 +196,7 @@ class ReagentEngine:
         if schedule not in ("batched", "sequential"):
             raise ValueError(f"schedule: must be 'batched' or 'sequential', got {schedule!r}")
         cfg = self.cfg
+        self.lm.set_bases(self._bases(targets))  # new memo; prompt prefixes stored for reuse (packed path)
         missing = [i for i, t in enumerate(targets) if t.p_orig is None]
         if missing:
             p, _ = self.lm.target_stats([targets[i].context for i in missing], np.array([targets[i].target_id for i in missing]), "original")
@@ -172,7 +205,8 @@ class ReagentEngine:
         pos = [self.replaceable(t.context) for t in targets]
         n_keep = [min(cfg.keep_top_n, len(r) - 1) for r in pos]
         short = [len(r) <= cfg.keep_top_n for r in pos]
-        rows_used = [0] * len(targets)
+        self._targets, self._pos, self._n_keep, self._schedule = targets, pos, n_keep, schedule
+        self._rows_used = rows_used = [0] * len(targets)
         probes: list[_Probe] = []
         for ti, t in enumerate(targets):
             if len(pos[ti]) < 2:
@@ -185,86 +219,116 @@ class ReagentEngine:
         if schedule == "sequential":
             for pr in probes:
                 while not pr.done:
-                    self._round([pr], targets, pos, n_keep, rows_used, schedule)
+                    self._round([pr])
         else:
             active = probes
             while active:
-                self._round(active, targets, pos, n_keep, rows_used, schedule)
+                self._round(active)
                 active = [p for p in active if not p.done]
         return self._collect(targets, pos, probes, rows_used)
 
-    def _round(self, active: list[_Probe], targets, pos, n_keep, rows_used, schedule) -> None:
-        cfg = self.cfg
-        plans: list[_Plan] = []
-        rows: list[np.ndarray] = []
-        ys: list[int] = []
-        for pr in active:
-            k = self._k(pr, schedule)
-            L = len(pos[pr.t])
-            u = pr.rng.random((k, STEP_DRAWS, L))
-            masks = u[:, 0] < cfg.replacing_ratio
-            plan = _Plan(pr, k, u, masks)
-            steps = np.flatnonzero(masks.any(axis=1))
-            if steps.size:
-                t = targets[pr.t]
-                new = self.sampler.replace(t.context, pos[pr.t], masks[steps], u[steps, 1])
-                for s, row in zip(steps, new):
-                    plan.rows.append((int(s), len(rows)))
-                    rows.append(row)
-                    ys.append(t.target_id)
-                rows_used[pr.t] += len(steps)
-            plans.append(plan)
-        p_new, _ = self.lm.target_stats(rows, np.array(ys, dtype=np.int64), "update")
+    # ------------------------------------------------------------------------------------------
+    # One round = one forward call. A probe either starts a block (its update rows are evaluated) or
+    # finishes one (the stop rows built from its updated importances are evaluated). A probe finishing a
+    # block whose successor would be speculative anyway (size >= 2) also sends that successor's update
+    # rows in the same call: they do not depend on the outcome, and are discarded if the probe stops.
 
-        stop_rows: list[np.ndarray] = []
-        stop_ys: list[int] = []
-        for plan in plans:
-            pr = plan.probe
-            t = targets[pr.t]
-            d = np.zeros(plan.k)
-            for s, i in plan.rows:
-                d[s] = t.p_orig - p_new[i]
-            upd = logit_update(d, plan.masks)
-            zs = np.empty((plan.k, len(pr.z)))
-            z = pr.z
-            for s in range(plan.k):
-                z = z + upd[s]
-                zs[s] = z
-            plan.zs = zs
+    def _draw(self, pr: _Probe, start: int, call: _Call) -> _Plan:
+        """Draw the block starting after ``start`` steps and queue its update rows."""
+        k = self._k(start, self._schedule)
+        L = len(self._pos[pr.t])
+        u = pr.rng.random((k, STEP_DRAWS, L))
+        plan = _Plan(pr, start, k, u, u[:, 0] < self.cfg.replacing_ratio)
+        steps = np.flatnonzero(plan.masks.any(axis=1))
+        if steps.size:
+            t = self._targets[pr.t]
+            new = self.sampler.replace(t.context, self._pos[pr.t], plan.masks[steps], u[steps, 1])
+            plan.rows = [(int(s), call.add(row, t.target_id)) for s, row in zip(steps, new)]
+            self._rows_used[pr.t] += len(steps)
+        return plan
+
+    def _updated(self, plan: _Plan, p_new: np.ndarray) -> None:
+        """Apply the block's updates to the probe's current z (all k steps) and build its stop rows."""
+        pr = plan.probe
+        t = self._targets[pr.t]
+        d = np.zeros(plan.k)
+        for s, i in plan.rows:
+            d[s] = t.p_orig - p_new[i]
+        upd = logit_update(d, plan.masks)
+        plan.zs = self._running(pr.z, upd)
+        if pr.replaced is not None:
+            allowed = (np.logical_or.accumulate(plan.masks, axis=0) | pr.replaced).all(axis=1)
+        else:
+            allowed = np.ones(plan.k, dtype=bool)
+        steps = np.flatnonzero(allowed)
+        if steps.size:
+            replace = ~top_mask(plan.zs[steps], self._n_keep[pr.t])
+            new = self.sampler.replace(t.context, self._pos[pr.t], replace, plan.u[steps, 2])
+            plan.stop_new = list(zip(steps.tolist(), new))
+            self._rows_used[pr.t] += len(steps)
+
+    @staticmethod
+    def _running(z: np.ndarray, upd: np.ndarray) -> np.ndarray:
+        zs = np.empty_like(upd)
+        for s in range(upd.shape[0]):  # sequential sums: the same float results as one step at a time
+            z = z + upd[s]
+            zs[s] = z
+        return zs
+
+    def _decide(self, plan: _Plan, ranks: np.ndarray | None) -> None:
+        """Stop rule over the block's evaluated stop rows, in step order."""
+        pr = plan.probe
+        pr.pending = None
+        stop_at = None
+        for s, i in plan.stop_rows:
+            if ranks[i] < self.cfg.top_k:
+                stop_at = s
+                break
+        if stop_at is not None:
+            pr.z = plan.zs[stop_at]
+            pr.steps += stop_at + 1
+            pr.done = pr.converged = True
+        else:
+            pr.z = plan.zs[-1]
+            pr.steps += plan.k
             if pr.replaced is not None:
-                seen = np.logical_or.accumulate(plan.masks, axis=0) | pr.replaced
-                plan.allowed = seen.all(axis=1)
-            else:
-                plan.allowed = np.ones(plan.k, dtype=bool)
-            steps = np.flatnonzero(plan.allowed)
-            if steps.size:
-                replace = ~top_mask(zs[steps], n_keep[pr.t])
-                new = self.sampler.replace(t.context, pos[pr.t], replace, plan.u[steps, 2])
-                for s, row in zip(steps, new):
-                    plan.stop_rows.append((int(s), len(stop_rows)))
-                    stop_rows.append(row)
-                    stop_ys.append(t.target_id)
-                rows_used[pr.t] += len(steps)
-        _, ranks = self.lm.target_stats(stop_rows, np.array(stop_ys, dtype=np.int64), "stop")
+                pr.replaced = pr.replaced | plan.masks.any(axis=0)
+            if pr.steps >= self.cfg.max_steps:
+                pr.done = True
 
-        for plan in plans:
-            pr = plan.probe
-            stop_at = None
-            for s, i in plan.stop_rows:  # in step order
-                if ranks[i] < cfg.top_k:
-                    stop_at = s
-                    break
-            if stop_at is not None:
-                pr.z = plan.zs[stop_at]
-                pr.steps += stop_at + 1
-                pr.done = pr.converged = True
-            else:
-                pr.z = plan.zs[-1]
-                pr.steps += plan.k
-                if pr.replaced is not None:
-                    pr.replaced = pr.replaced | plan.masks.any(axis=0)
-                if pr.steps >= cfg.max_steps:
-                    pr.done = True
+    def _settle(self, plan: _Plan) -> None:
+        """After its updates: wait for the stop rows, or decide at once when there are none."""
+        if plan.stop_new:
+            plan.probe.pending = plan
+        else:
+            self._decide(plan, None)
+
+    def _round(self, active: list[_Probe]) -> None:
+        call = _Call()
+        fresh: list[_Plan] = []
+        finishing: list[tuple[_Plan, _Plan | None]] = []
+        for pr in active:
+            plan = pr.pending
+            if plan is None:
+                fresh.append(self._draw(pr, pr.steps, call))
+                continue
+            y = self._targets[pr.t].target_id
+            plan.stop_rows = [(s, call.add(row, y)) for s, row in plan.stop_new]
+            plan.stop_new = []
+            nxt = None
+            after = plan.start + plan.k
+            if self._schedule != "sequential" and after < self.cfg.max_steps and self._k(after, self._schedule) >= 2:
+                nxt = self._draw(pr, after, call)
+            finishing.append((plan, nxt))
+        p_new, ranks = self.lm.target_stats(call.rows, np.array(call.ys, dtype=np.int64), "step")
+        for plan, nxt in finishing:
+            self._decide(plan, ranks)
+            if nxt is not None and not plan.probe.done:
+                self._updated(nxt, p_new)
+                self._settle(nxt)
+        for plan in fresh:
+            self._updated(plan, p_new)
+            self._settle(plan)
 
     def _collect(self, targets, pos, probes, rows_used) -> list[TargetResult]:
         P = self.cfg.num_probes

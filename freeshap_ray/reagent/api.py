@@ -47,7 +47,7 @@ class ReagentResult:
 def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str | list[str | None] | None = None,
                       max_new_tokens: int = 3, chat_template: bool = False, config: ReagentConfig | None = None,
                       baselines: tuple[str, ...] | list[str] = (), metrics: bool = False, metric_samples: int = 16,
-                      sampler=None, schedule: str = "batched", **overrides) -> ReagentResult:
+                      sampler=None, schedule: str = "batched", packed: bool | None = None, **overrides) -> ReagentResult:
     """ReAGent token attributions of a causal LM's target tokens for ``prompt``.
 
     Args:
@@ -62,6 +62,8 @@ def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str 
         baselines: extra methods with the same output (``input_x_gradient``, ``integrated_gradients``,
             ``attention``, ``random``); ``metrics``: also compute Soft-NS/Soft-NC for every method.
         schedule: ``batched`` (default) or ``sequential`` (batch-1 steps; identical results, slower).
+        packed: ``None`` (default) packed prefix-reusing forwards where the model supports them, ``False``
+            plain padded forwards (same results up to float rounding; see :mod:`freeshap_ray.reagent.packed`).
 
     Returns:
         :class:`ReagentResult`.
@@ -90,7 +92,7 @@ def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str 
         targets = list(target)
         if len(targets) != len(prompts):
             raise ConfigError(f"target: {len(targets)} targets for {len(prompts)} prompts; give one per prompt")
-    runner = ReagentRunner(model, tokenizer, cfg, evaluation=evaluation, sampler=sampler)
+    runner = ReagentRunner(model, tokenizer, cfg, evaluation=evaluation, sampler=sampler, packed=packed)
     prepared = [prepare_prompt(model, tokenizer, p, prompt_id=i, target=t, max_new_tokens=max_new_tokens,
                                chat_template=chat_template) for i, (p, t) in enumerate(zip(prompts, targets))]
     out = runner.run(prepared, schedule=schedule)

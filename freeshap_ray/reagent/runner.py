@@ -99,10 +99,12 @@ class RunOutput:
 
 
 class ReagentRunner:
-    """Holds a model, its sampler and engine; attributes prepared prompts (all targets batched)."""
+    """Holds a model, its sampler and engine; attributes prepared prompts (all targets batched).
+    ``packed``: see :class:`~.lm.TargetLM` (``False`` forces plain padded forwards)."""
 
     def __init__(self, model, tokenizer, cfg: ReagentConfig | None = None, *, evaluation: ReagentEvalConfig | None = None,
-                 sampler: Sampler | None = None, cache_dir: str | None = None, trust_remote_code: bool = False) -> None:
+                 sampler: Sampler | None = None, cache_dir: str | None = None, trust_remote_code: bool = False,
+                 packed: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg or ReagentConfig()
@@ -113,7 +115,7 @@ class ReagentRunner:
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None) or 0
-        self.lm = TargetLM(model, batch_rows=self.cfg.batch_rows, pad_id=int(pad))
+        self.lm = TargetLM(model, batch_rows=self.cfg.batch_rows, pad_id=int(pad), packed=packed)
         self.sampler = sampler or build_sampler(self.cfg.sampler, model, tokenizer, mlm_path=self.cfg.mlm_path,
                                                 cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                                                 batch_rows=self.cfg.batch_rows)
@@ -156,7 +158,8 @@ class ReagentRunner:
         ev = self.evaluation
         out = RunOutput()
         t0 = time.perf_counter()
-        calls0, rows0 = self.lm.stats.calls, self.lm.stats.rows
+        st = self.lm.stats
+        calls0, rows0, computed0, memo0 = st.calls, st.rows, st.computed, st.memo_hits
         targets = self.targets(prompts, positions)
         results = self.engine.run(targets, schedule=schedule)
         t_reagent = time.perf_counter() - t0
@@ -181,7 +184,8 @@ class ReagentRunner:
                     out.metrics.append(dict(method=m, prompt_id=t.prompt_id, target_pos=t.position, **met))
         out.stats = dict(
             targets=len(targets), reagent_seconds=t_reagent, evaluation_seconds=time.perf_counter() - t1,
-            forward_calls=self.lm.stats.calls - calls0, forward_rows=self.lm.stats.rows - rows0,
+            forward_calls=st.calls - calls0, forward_rows=st.rows - rows0, forward_tokens=st.computed - computed0,
+            memo_hits=st.memo_hits - memo0, packed_forward=self.lm.packed is not None,
             converged=sum(r.converged for r in results),
             mean_probe_steps=float(np.mean([r.steps.mean() for r in results])) if results else 0.0,
         )

@@ -1,0 +1,140 @@
+"""eNTK tiles from gradient features (:class:`~freeshap_ray.grads.features.FeatureBlock`), accumulated in float64.
+
+Per parameter tensor the tile uses whichever exact formula is cheaper:
+
+- dense × dense: ``Ga Gbᵀ`` over parameter chunks (float64 GEMMs, or float32 GEMMs over short chunks
+  summed in float64 with ``precision="mixed"``);
+- Linear factors × factors: the per-token formula K_ij = Σ_{t,t'} (a_it·a_jt')(g_it·g_jt') when tokens
+  are few (e.g. layers that only the read position reaches), else materialise both sides and GEMM;
+- embedding × embedding: K_ij = Σ_{t,t'} [id_it = id_jt'] (g_it·g_jt').
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..grads.features import EmbeddingFactors, FeatureBlock, LinearFactors
+
+__all__ = ["feature_tile"]
+
+Precision = Literal["float64", "mixed"]
+MIXED_CHUNK = 8192  # float32 partial sums over at most this many parameters (relative error ≲ 1e-6)
+TOKEN_ROWS = 2048  # token rows per per-token-formula step (bounds the (Na, Nb) float64 temporary)
+
+
+def _same(fa: FeatureBlock, fb: FeatureBlock) -> bool:
+    if fa is fb:
+        return True
+    return (
+        fa.dense.shape == fb.dense.shape
+        and fa.dense.size > 0
+        and fa.dense.__array_interface__["data"][0] == fb.dense.__array_interface__["data"][0]
+    )
+
+
+def _gram(a: np.ndarray, b: np.ndarray | None, chunk: int, precision: Precision) -> np.ndarray:
+    """Σ over column chunks of a·bᵀ accumulated in float64; ``b is None`` means a·aᵀ.
+
+    torch's BLAS, not numpy's: for these short-and-wide GEMMs (rows ≪ parameters) numpy's OpenBLAS ran
+    ~20× slower on the development machine.
+    """
+    ta = torch.from_numpy(a)
+    tb = ta if b is None else torch.from_numpy(b)
+    acc = torch.zeros(ta.shape[0], tb.shape[0], dtype=torch.float64)
+    step = min(chunk, MIXED_CHUNK) if precision == "mixed" else chunk
+    for s in range(0, ta.shape[1], step):
+        e = min(ta.shape[1], s + step)
+        if precision == "mixed":
+            acc += (ta[:, s:e] @ tb[:, s:e].T).double()
+        else:
+            x = ta[:, s:e].double()
+            acc += x @ (x if b is None else tb[:, s:e].double()).T
+    return acc.numpy()
+
+
+def _token_formula(
+    a1: torch.Tensor, g1: torch.Tensor, r1: torch.Tensor, a2: torch.Tensor | None, g2: torch.Tensor, r2: torch.Tensor,
+    out: torch.Tensor, ids1: torch.Tensor | None = None, ids2: torch.Tensor | None = None,
+) -> None:
+    """out[r1_t, r2_t'] += (a1_t·a2_t')(g1_t·g2_t') (or [ids equal]·(g1_t·g2_t') when ``a2 is None``)."""
+    for s in range(0, g1.shape[0], TOKEN_ROWS):
+        e = min(g1.shape[0], s + TOKEN_ROWS)
+        m = (g1[s:e] @ g2.T).double()
+        if a2 is None:
+            m *= (ids1[s:e, None] == ids2[None, :]).double()
+        else:
+            m *= (a1[s:e] @ a2.T).double()
+        tmp = torch.zeros(e - s, out.shape[1], dtype=torch.float64).index_add_(1, r2, m)
+        out.index_add_(0, r1[s:e], tmp)
+
+
+def _linear_pair(fa: LinearFactors, fb: LinearFactors, ra: int, rb: int, same: bool, chunk: int,
+                 precision: Precision, out: torch.Tensor) -> None:
+    na, nb, p = len(fa.row), len(fb.row), fa.n_params
+    d = fa.a.shape[1] + fa.g.shape[1]
+    token_cost = na * nb * d
+    dense_cost = (na + nb) * p + ra * rb * p
+    if same:
+        token_cost /= 2
+        dense_cost = na * p + ra * ra * p / 2
+    if token_cost <= dense_cost:
+        t = [torch.from_numpy(x) for x in (fa.a, fa.g, fa.row, fb.a, fb.g, fb.row)]
+        _token_formula(t[0], t[1], t[2], t[3], t[4], t[5], out)
+        return
+    ga = fa.materialize(ra).numpy()
+    gb = None if same else fb.materialize(rb).numpy()
+    out += torch.from_numpy(_gram(ga, gb, chunk, precision))
+
+
+def _embedding_pair(ea: EmbeddingFactors, eb: EmbeddingFactors, out: torch.Tensor) -> None:
+    t = [torch.from_numpy(x) for x in (ea.ids, ea.g, ea.row, eb.ids, eb.g, eb.row)]
+    _token_formula(None, t[1], t[2], None, t[4], t[5], out, ids1=t[0], ids2=t[3])
+
+
+def feature_tile(
+    fa: FeatureBlock, fb: FeatureBlock, *, chunk: int = 1 << 20, precision: Precision = "float64"
+) -> np.ndarray:
+    """The eNTK tile between two feature blocks of the same parameter selection.
+
+    Args:
+        fa, fb: blocks of Ba and Bb examples with the same C' rows per example.
+        chunk: parameters per float64 GEMM (bounds temporary copies).
+        precision: ``float64`` GEMMs, or ``mixed`` (float32 GEMMs over ≤ 8,192 parameters, float64 sums).
+
+    Returns:
+        (Ba, Bb) float64 if C' == 1, else (Ba, Bb, C', C') float64.
+    """
+    if fa.n_outputs != fb.n_outputs or fa.keys() != fb.keys():
+        raise ValueError("feature_tile: the two blocks cover different parameters or outputs")
+    same = _same(fa, fb)
+    ra, rb = fa.rows, fb.rows
+    out = torch.zeros(ra, rb, dtype=torch.float64)
+    lin_a = {f.key: f for f in fa.linear}
+    lin_b = {f.key: f for f in fb.linear}
+    if fa.columns.spans == fb.columns.spans:
+        if fa.dense.shape[1]:
+            out += torch.from_numpy(_gram(fa.dense, None if same else fb.dense, chunk, precision))
+    else:  # the blocks materialised different layers: per parameter tensor
+        for key, (s, e) in fa.columns.spans.items():
+            if key in fb.columns.spans:
+                s2, e2 = fb.columns.spans[key]
+                out += torch.from_numpy(_gram(fa.dense[:, s:e], fb.dense[:, s2:e2], chunk, precision))
+            else:
+                out += torch.from_numpy(_gram(fa.dense[:, s:e], lin_b[key].materialize(rb).numpy(), chunk, precision))
+        for key, (s2, e2) in fb.columns.spans.items():
+            if key not in fa.columns.spans:
+                out += torch.from_numpy(_gram(lin_a[key].materialize(ra).numpy(), fb.dense[:, s2:e2], chunk, precision))
+    for key, f in lin_a.items():
+        if key in lin_b:
+            _linear_pair(f, lin_b[key], ra, rb, same, chunk, precision, out)
+    emb_b = {e.key: e for e in fb.embedding}
+    for e in fa.embedding:
+        _embedding_pair(e, emb_b[e.key], out)
+    k = out.numpy()
+    c = fa.n_outputs
+    if c == 1:
+        return k
+    return k.reshape(fa.n_examples, c, fb.n_examples, c).transpose(0, 2, 1, 3).copy()
