@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--label-words", default=" negative, positive")
     ap.add_argument("--params", default="last:2")
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--block", type=int, default=32, help="examples per block (kernel.block_size; its default is 32)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-loop", action="store_true", help="skip the (slow) per-example autograd loop")
     ap.add_argument("--skip-func", action="store_true", help="skip torch.func (b)")

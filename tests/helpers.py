@@ -55,3 +55,47 @@ def write_csv(path, texts=TEXTS, labels=LABELS) -> str:
         w.writerow(["text", "label"])
         w.writerows(zip(texts, labels))
     return str(path)
+
+
+# `--set` overrides of a tiny end-to-end job (tiny random Llama, 9 texts); tests add data.train/output.
+TINY_JOB = [
+    "model.path=tiny:llama",
+    "model.template={text} sentiment :",
+    "model.label_words=[bad, good]",
+    "model.params=all",
+    "data.min_confidence=null",
+    "data.max_examples=null",
+    "data.max_test_examples=null",
+    "data.test_fraction=0.3",
+    "kernel.block_size=3",
+    "kernel.num_actors=1",
+    "kernel.num_cpus_per_actor=0.5",
+    "shapley.n_permutations=12",
+    "shapley.permutations_per_task=4",
+    "shapley.num_cpus_per_task=0.5",
+]
+
+
+def job_args(csv, out, *extra: str, base: list[str] = TINY_JOB) -> list[str]:
+    """CLI arguments of the tiny job on ``csv`` writing to ``out`` (``extra`` overrides win)."""
+    sets = [f"data.train={csv}", f"output={out}", *base, *extra]
+    return [x for s in sets for x in ("--set", s)] + ["--no-progress"]
+
+
+class Interrupt(Exception):
+    """Raised by :func:`interrupt_after` to stop a kernel job from its ``on_tile`` hook."""
+
+
+def interrupt_after(n_tiles: int):
+    """An ``on_tile`` hook that kills the job's actors and raises :class:`Interrupt` once ``n_tiles``
+    tiles are written (as a killed driver would leave the output)."""
+
+    def hook(actors, written):
+        if written == n_tiles:
+            import ray
+
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            raise Interrupt
+
+    return hook

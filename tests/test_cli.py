@@ -11,29 +11,11 @@ import pytest
 from freeshap_ray import load_kernel
 from freeshap_ray.cli import main
 
-from .helpers import TEXTS, write_csv
-
-TINY = [
-    "model.path=tiny:llama",
-    "model.template={text} sentiment :",
-    "model.label_words=[bad, good]",
-    "model.params=all",
-    "data.min_confidence=null",
-    "data.max_examples=null",
-    "data.max_test_examples=null",
-    "data.test_fraction=0.3",
-    "kernel.block_size=3",
-    "kernel.num_actors=1",
-    "kernel.num_cpus_per_actor=0.5",
-    "shapley.n_permutations=12",
-    "shapley.permutations_per_task=4",
-    "shapley.num_cpus_per_task=0.5",
-]
+from .helpers import TEXTS, job_args, write_csv
 
 
-def _args(csv, out, *extra):
-    sets = [f"data.train={csv}", f"output={out}", *TINY, *extra]
-    return [x for s in sets for x in ("--set", s)] + ["--no-progress"]
+
+_args = job_args
 
 
 @pytest.fixture(scope="module")

@@ -28,28 +28,12 @@ import pytest
 from freeshap_ray import load_kernel
 from freeshap_ray.cli import main
 
-from .helpers import write_csv
+from .helpers import TINY_JOB, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
 
-TINY = [
-    "model.path=tiny:llama",
-    "model.template={text} sentiment :",
-    "model.label_words=[bad, good]",
-    "model.params=all",
-    "data.min_confidence=null",
-    "data.max_examples=null",
-    "data.max_test_examples=null",
-    "data.test_fraction=0.3",
-    "kernel.block_size=3",
-    "kernel.num_actors=1",
-    "kernel.num_cpus_per_actor=0.5",
-    "shapley.n_permutations=12",
-    "shapley.permutations_per_task=4",
-    "shapley.num_cpus_per_task=0.5",
-]
 
 _PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
           "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")
@@ -148,7 +132,7 @@ def _job(head, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def test_job_submit_writes_same_outputs_as_local_run(ray_head, ray_local, tmp_path):
     csv = write_csv(tmp_path / "train.csv")
     remote_out = tmp_path / "shared" / "quickstart"
-    sets = [f"data.train={csv}", *TINY]
+    sets = [f"data.train={csv}", *TINY_JOB]
     sid = f"freeshap-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"excludes": ["outputs/", ".venv/", ".git/", "*.egg-info/", ".pytest_cache/"],
                    "env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}

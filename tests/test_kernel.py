@@ -11,7 +11,7 @@ from freeshap_ray.io import Layout, load_kernel
 from freeshap_ray.kernel import kernel_tile
 from freeshap_ray.models import load_classifier, resolve_model_path, select_params
 
-from .helpers import TEMPLATES, TEXTS, reference_jacobians, reference_kernel, rel_err
+from .helpers import TEMPLATES, TEXTS, Interrupt, interrupt_after, reference_jacobians, reference_kernel, rel_err
 
 ARCHS = ["llama", "bert", "bert-mlm"]
 
@@ -125,14 +125,7 @@ def test_killed_actor_is_replaced_and_resume_skips_finished_tiles(ray_local, tmp
     compute_kernel(*args, killed, on_tile=kill_once, **kw)
     np.testing.assert_allclose(load_kernel(killed.root)["train_train"], ref, rtol=1e-12)
 
-    class Interrupt(Exception):
-        pass
-
-    def interrupt(actors, written):
-        if written == 4:
-            for a in actors:
-                ray.kill(a, no_restart=True)
-            raise Interrupt
+    interrupt = interrupt_after(4)
 
     part = Layout.of(tmp_path / "part")
     with pytest.raises(Interrupt):

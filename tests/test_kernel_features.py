@@ -123,3 +123,33 @@ def test_mixed_precision_keeps_float64_accuracy_over_many_parameters():
     assert rel_err(feature_tile(f, f, precision="mixed"), exact) <= 1e-6
     single = torch.from_numpy(g) @ torch.from_numpy(g).T
     assert rel_err(single.double().numpy(), exact) > rel_err(feature_tile(f, f, precision="mixed"), exact)
+
+
+def test_micro_batches_are_an_optimal_partition_within_the_token_cap():
+    """Length-sorted grouping: every example once, padded size ≤ cap (a longer example alone), and the
+    padded-tokens-plus-call-cost equals the best over all partitions into runs of the sorted order."""
+    from itertools import combinations
+
+    from freeshap_ray.grads.hooks import CALL_OVERHEAD_TOKENS, _micro_batches
+
+    def cost(groups, lengths):
+        return sum(len(g) * int(lengths[g].max()) + CALL_OVERHEAD_TOKENS for g in groups)
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(1, 9))
+        lengths = rng.integers(1, 90, n)
+        cap = int(rng.integers(40, 300))
+        groups = _micro_batches(lengths, cap)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(n))
+        assert all(len(g) == 1 or len(g) * lengths[g].max() <= cap for g in groups)
+        order = np.argsort(lengths, kind="stable")
+        best = None
+        for k in range(n):  # every way of cutting the sorted order into consecutive runs
+            for cuts in combinations(range(1, n), k):
+                runs = [order[s:e] for s, e in zip((0, *cuts), (*cuts, n))]
+                if all(len(r) == 1 or len(r) * lengths[r].max() <= cap for r in runs):
+                    c = cost(runs, lengths)
+                    best = c if best is None else min(best, c)
+        assert cost(groups, lengths) == best
+    assert [len(g) for g in _micro_batches(np.array([5, 3000, 7]), 2048)] == [2, 1]

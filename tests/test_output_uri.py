@@ -18,28 +18,11 @@ from freeshap_ray.config import load_config
 from freeshap_ray.errors import ConfigError
 from freeshap_ray.io import Layout, MarginalsStore, remote, remove_path, write_json_atomic
 
-from .helpers import write_csv
-
-TINY = [
-    "model.path=tiny:llama",
-    "model.template={text} sentiment :",
-    "model.label_words=[bad, good]",
-    "model.params=all",
-    "data.min_confidence=null",
-    "data.max_examples=null",
-    "data.max_test_examples=null",
-    "data.test_fraction=0.3",
-    "kernel.block_size=3",
-    "kernel.num_actors=1",
-    "kernel.num_cpus_per_actor=0.5",
-    "shapley.n_permutations=12",
-    "shapley.permutations_per_task=4",
-    "shapley.num_cpus_per_task=0.5",
-]
+from .helpers import job_args, write_csv
 
 
-def _args(csv, out, *extra):
-    return [x for s in [f"data.train={csv}", f"output={out}", *TINY, *extra] for x in ("--set", s)] + ["--no-progress"]
+
+_args = job_args
 
 
 def _files(root):

@@ -17,7 +17,7 @@ from freeshap_ray.grads import flat_jacobian, param_sizes
 from freeshap_ray.io import Layout, load_kernel
 from freeshap_ray.models import load_classifier, resolve_model_path, select_params
 
-from .helpers import TEMPLATES, TEXTS, reference_jacobians, reference_kernel, rel_err, write_csv
+from .helpers import TEMPLATES, TEXTS, Interrupt, interrupt_after, reference_jacobians, reference_kernel, job_args, rel_err, write_csv
 
 pytest.importorskip("deepspeed")
 
@@ -130,14 +130,7 @@ def test_kernel_job_last1_full_interrupted_then_resumed_matches_reference(ray_lo
     kw = dict(param_names=names, param_sizes=param_sizes(clf, names), progress=False)
     layout = Layout.of(tmp_path / "out")
 
-    class Interrupt(Exception):
-        pass
-
-    def interrupt(actors, written):
-        if written == 4:
-            for a in actors:
-                ray.kill(a, no_restart=True)
-            raise Interrupt
+    interrupt = interrupt_after(4)
 
     before = set(ray.util.placement_group_table())
     with pytest.raises(Interrupt):
@@ -186,13 +179,10 @@ def test_cli_run_with_deepspeed_backend_matches_reference(ray_local, tmp_path):
 
     from freeshap_ray.cli import main
 
-    from .test_cli import TINY
-
     csv = write_csv(tmp_path / "train.csv")
     out = tmp_path / "out"
-    sets = [f"data.train={csv}", f"output={out}", *TINY, "kernel.block_size=2", "kernel.backend=deepspeed",
-            "kernel.num_actors=2"]
-    assert main(["run", *[x for s in sets for x in ("--set", s)], "--no-progress"]) == 0
+    extra = ["kernel.block_size=2", "kernel.backend=deepspeed", "kernel.num_actors=2"]
+    assert main(["run", *job_args(csv, out, *extra)]) == 0
     assert (out / "values.parquet").is_file()
     kernel = load_kernel(out)
     assert kernel["manifest"]["backend"] == "deepspeed"

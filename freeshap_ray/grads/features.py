@@ -41,21 +41,27 @@ class LinearFactors:
     def n_params(self) -> int:
         return int(self.a.shape[1] * self.g.shape[1])
 
-    def materialize(self, rows: int) -> torch.Tensor:
-        """(rows, d_out·d_in) float32 per-row gradients, row-major like ``weight.reshape(-1)``."""
+    def materialize(self, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(rows, d_out·d_in) float32 per-row gradients, row-major like ``weight.reshape(-1)``.
+
+        One ``g_rᵀ a_r`` matrix product per row written straight into ``out`` (a (rows, d_out·d_in) view
+        whose rows are contiguous, e.g. a column span of a block's dense array): a batched product into a
+        fresh (rows, d_out, d_in) tensor plus a copy ran ~2× slower on CPU (page faults of the new memory).
+        """
         a, g, row = (torch.from_numpy(x) for x in (self.a, self.g, self.row))
         d_in, d_out = a.shape[1], g.shape[1]
-        if row.numel() == 0:
-            return torch.zeros(rows, d_out * d_in)
-        counts = torch.bincount(row, minlength=rows)
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(row.numel()) - starts[row]
-        width = int(counts.max())
-        a_pad = torch.zeros(rows, width, d_in)
-        g_pad = torch.zeros(rows, width, d_out)
-        a_pad[row, pos] = a
-        g_pad[row, pos] = g
-        return torch.bmm(g_pad.transpose(1, 2), a_pad).reshape(rows, d_out * d_in)
+        if out is None:
+            out = torch.empty(rows, d_out * d_in)
+        counts = torch.bincount(row, minlength=rows).tolist()
+        start = 0
+        for r, c in enumerate(counts):
+            dst = out[r].view(d_out, d_in)
+            if c:
+                torch.mm(g[start : start + c].T, a[start : start + c], out=dst)
+            else:
+                dst.zero_()
+            start += c
+        return out
 
 
 @dataclass

@@ -71,8 +71,27 @@ def _token_formula(
         out.index_add_(0, r1[s:e], tmp)
 
 
+class _Scratch:
+    """Reusable float32 buffers for gradients materialised inside a tile (one per side).
+
+    Layers are materialised one after another; writing each into the same already-touched memory
+    instead of a fresh allocation avoids the page faults of new memory, which cost as much as the
+    materialising products themselves on the development VM.
+    """
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, side: str, rows: int, width: int) -> torch.Tensor:
+        need = rows * width
+        buf = self.bufs.get(side)
+        if buf is None or buf.numel() < need:
+            buf = self.bufs[side] = torch.empty(need)
+        return buf[:need].view(rows, width)
+
+
 def _linear_pair(fa: LinearFactors, fb: LinearFactors, ra: int, rb: int, same: bool, chunk: int,
-                 precision: Precision, out: torch.Tensor) -> None:
+                 precision: Precision, out: torch.Tensor, scratch: _Scratch) -> None:
     na, nb, p = len(fa.row), len(fb.row), fa.n_params
     d = fa.a.shape[1] + fa.g.shape[1]
     token_cost = na * nb * d
@@ -84,8 +103,8 @@ def _linear_pair(fa: LinearFactors, fb: LinearFactors, ra: int, rb: int, same: b
         t = [torch.from_numpy(x) for x in (fa.a, fa.g, fa.row, fb.a, fb.g, fb.row)]
         _token_formula(t[0], t[1], t[2], t[3], t[4], t[5], out)
         return
-    ga = fa.materialize(ra).numpy()
-    gb = None if same else fb.materialize(rb).numpy()
+    ga = fa.materialize(ra, out=scratch.get("a", ra, p)).numpy()
+    gb = None if same else fb.materialize(rb, out=scratch.get("b", rb, p)).numpy()
     out += torch.from_numpy(_gram(ga, gb, chunk, precision))
 
 
@@ -114,6 +133,7 @@ def feature_tile(
     out = torch.zeros(ra, rb, dtype=torch.float64)
     lin_a = {f.key: f for f in fa.linear}
     lin_b = {f.key: f for f in fb.linear}
+    scratch = _Scratch()
     if fa.columns.spans == fb.columns.spans:
         if fa.dense.shape[1]:
             out += torch.from_numpy(_gram(fa.dense, None if same else fb.dense, chunk, precision))
@@ -123,13 +143,13 @@ def feature_tile(
                 s2, e2 = fb.columns.spans[key]
                 out += torch.from_numpy(_gram(fa.dense[:, s:e], fb.dense[:, s2:e2], chunk, precision))
             else:
-                out += torch.from_numpy(_gram(fa.dense[:, s:e], lin_b[key].materialize(rb).numpy(), chunk, precision))
+                out += torch.from_numpy(_gram(fa.dense[:, s:e], lin_b[key].materialize(rb, out=scratch.get("b", rb, e - s)).numpy(), chunk, precision))
         for key, (s2, e2) in fb.columns.spans.items():
             if key not in fa.columns.spans:
-                out += torch.from_numpy(_gram(lin_a[key].materialize(ra).numpy(), fb.dense[:, s2:e2], chunk, precision))
+                out += torch.from_numpy(_gram(lin_a[key].materialize(ra, out=scratch.get("a", ra, e2 - s2)).numpy(), fb.dense[:, s2:e2], chunk, precision))
     for key, f in lin_a.items():
         if key in lin_b:
-            _linear_pair(f, lin_b[key], ra, rb, same, chunk, precision, out)
+            _linear_pair(f, lin_b[key], ra, rb, same, chunk, precision, out, scratch)
     emb_b = {e.key: e for e in fb.embedding}
     for e in fa.embedding:
         _embedding_pair(e, emb_b[e.key], out)

@@ -3,6 +3,7 @@ shared by :func:`freeshap_ray.reagent_attribute` and the Ray actors of the ``rea
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -52,12 +53,14 @@ def greedy_generate(model, ids: np.ndarray, n: int, eos_ids: set[int]) -> np.nda
     dev = next(iter(model.parameters())).device
     seq = torch.from_numpy(np.asarray(ids, dtype=np.int64))[None].to(dev)
     use_cache = hasattr(model, "generate")  # Hugging Face models: incremental decoding with a KV cache
+    # transformers ≥ 5.2x names the argument and output `cache` (`past_key_values` is deprecated there).
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past = None
     out: list[int] = []
     for _ in range(n):
         if use_cache:
-            res = model(input_ids=seq if past is None else seq[:, -1:], past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=seq if past is None else seq[:, -1:], **{kw: past}, use_cache=True)
+            past = getattr(res, kw)
         else:
             res = model(input_ids=seq)
         nxt = int(res.logits[0, -1].argmax())
