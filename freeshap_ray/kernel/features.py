@@ -11,6 +11,7 @@ Per parameter tensor the tile uses whichever exact formula is cheaper:
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -126,6 +127,14 @@ def feature_tile(
     Returns:
         (Ba, Bb) float64 if C' == 1, else (Ba, Bb, C', C') float64.
     """
+    with warnings.catch_warnings():
+        # Blocks fetched from the Ray object store are read-only numpy arrays; they are only read here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return _feature_tile(fa, fb, chunk=chunk, precision=precision)
+
+
+def _feature_tile(fa: FeatureBlock, fb: FeatureBlock, *, chunk: int, precision: Precision) -> np.ndarray:
+    """Body of :func:`feature_tile`."""
     if fa.n_outputs != fb.n_outputs or fa.keys() != fb.keys():
         raise ValueError("feature_tile: the two blocks cover different parameters or outputs")
     same = _same(fa, fb)
