@@ -70,6 +70,25 @@ def assert_kernel_equals_ref(out: Path, ref: Path) -> None:
         assert np.abs(got[key] - want[key]).max() <= 1e-10 * np.abs(want[key]).max(), key
 
 
+def wait_for_idle_cluster(timeout: float = 60.0) -> None:
+    """Wait until every CPU and ``gpu_like`` of the cluster is free again. Resources of an earlier test's
+    actors and tasks are released asynchronously; a placement group created before that sees a busy node, and
+    SPREAD (best effort) then packs both bundles onto the other node."""
+    import time
+
+    import ray
+
+    total = ray.cluster_resources()
+    deadline = time.monotonic() + timeout
+    while True:
+        free = ray.available_resources()
+        if all(free.get(k, 0.0) >= total.get(k, 0.0) - 1e-9 for k in ("CPU", "gpu_like")):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"cluster not idle after {timeout} s: free {free}, total {total}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     import ray
@@ -125,6 +144,7 @@ def test_kernel_and_shapley_spread_over_nodes_equal_local_run(env, tmp_path):
     ``gpu_like`` too (and a whole CPU: one at a time per node), so they run on nodes A and B, never on the head.
     Kernel and values equal the single-node run's."""
     out = tmp_path / "out"
+    wait_for_idle_cluster()
     kernel, values = run_stages(job_config(env.csvs, out))
     assert sorted(kernel["actor_nodes"]) == sorted([env.node_a, env.node_b])
     assert kernel["tiles_computed"] == N_TILES
@@ -162,6 +182,7 @@ def test_kernel_survives_actor_kill_and_node_removal(env, tmp_path):
             events.append(("removed node", env.node_a))
 
     out = tmp_path / "out"
+    wait_for_idle_cluster()
     kernel, _ = run_stages(job_config(env.csvs, out), on_tile=faults, shapley=False)
     assert [e[0] for e in events] == ["killed actor", "removed node"]
     assert kernel["actor_nodes"] == [env.node_b, env.node_b]
