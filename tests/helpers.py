@@ -58,7 +58,7 @@ def write_csv(path, texts=TEXTS, labels=LABELS) -> str:
 
 
 # `--set` overrides of a tiny end-to-end job (tiny random Llama, 9 texts); tests add data.train/output.
-TINY_JOB = [
+TINY_JOB = (
     "model.path=tiny:llama",
     "model.template={text} sentiment :",
     "model.label_words=[bad, good]",
@@ -73,11 +73,11 @@ TINY_JOB = [
     "shapley.n_permutations=12",
     "shapley.permutations_per_task=4",
     "shapley.num_cpus_per_task=0.5",
-]
+)
 
 
-def job_args(csv, out, *extra: str, base: list[str] = TINY_JOB) -> list[str]:
-    """CLI arguments of the tiny job on ``csv`` writing to ``out`` (``extra`` overrides win)."""
+def job_args(csv, out, *extra: str, base: tuple[str, ...] | list[str] = TINY_JOB) -> list[str]:
+    """CLI arguments of a tiny job (``base`` overrides) on ``csv`` writing to ``out`` (``extra`` win)."""
     sets = [f"data.train={csv}", f"output={out}", *base, *extra]
     return [x for s in sets for x in ("--set", s)] + ["--no-progress"]
 

@@ -14,16 +14,12 @@ from freeshap_ray.cli import main
 from .helpers import TEXTS, job_args, write_csv
 
 
-
-_args = job_args
-
-
 @pytest.fixture(scope="module")
 def tiny_run(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     csv = write_csv(root / "train.csv")
     out = root / "out"
-    assert main(["run", *_args(csv, out)]) == 0
+    assert main(["run", *job_args(csv, out)]) == 0
     return csv, out
 
 
@@ -75,24 +71,24 @@ def test_marginals_efficiency(tiny_run):
 def test_stages_separately_match_run(tiny_run, tmp_path, ray_local):
     csv, out_run = tiny_run
     out = tmp_path / "staged"
-    assert main(["kernel", *_args(csv, out)]) == 0
+    assert main(["kernel", *job_args(csv, out)]) == 0
     assert not (out / "values.parquet").exists()
     tiles = {p: p.stat().st_mtime_ns for p in (out / "kernel").rglob("tile-*.parquet")}
-    assert main(["kernel", *_args(csv, out)]) == 0  # a finished kernel of the same plan is reused
+    assert main(["kernel", *job_args(csv, out)]) == 0  # a finished kernel of the same plan is reused
     assert {p: p.stat().st_mtime_ns for p in (out / "kernel").rglob("tile-*.parquet")} == tiles
-    assert main(["shapley", *_args(csv, out)]) == 0
+    assert main(["shapley", *job_args(csv, out)]) == 0
     a, b = load_kernel(out), load_kernel(out_run)
     np.testing.assert_allclose(a["train_train"], b["train_train"], rtol=1e-6)
     va = pq.read_table(out / "values.parquet").column("value").to_numpy()
     vb = pq.read_table(out_run / "values.parquet").column("value").to_numpy()
     np.testing.assert_allclose(va, vb, atol=1e-12)  # same seed → same permutations
     # finished outputs are not overwritten without --overwrite
-    assert main(["shapley", *_args(csv, out)]) == 2
-    assert main(["shapley", *_args(csv, out), "--overwrite"]) == 0
+    assert main(["shapley", *job_args(csv, out)]) == 2
+    assert main(["shapley", *job_args(csv, out), "--overwrite"]) == 0
 
 
 def test_shapley_stage_without_kernel_fails(tmp_path, capsys):
-    assert main(["shapley", *_args("x.csv", tmp_path / "nothing")]) == 2
+    assert main(["shapley", *job_args("x.csv", tmp_path / "nothing")]) == 2
     assert "kernel" in capsys.readouterr().err
 
 
@@ -110,7 +106,7 @@ def test_shapley_stage_without_kernel_fails(tmp_path, capsys):
 def test_bad_input_clear_error_no_output(tmp_path, capsys, case, extra, needle):
     csv = write_csv(tmp_path / "train.csv")
     out = tmp_path / "out"
-    assert main(["run", *_args(csv, out, *extra)]) == 2, case
+    assert main(["run", *job_args(csv, out, *extra)]) == 2, case
     err = capsys.readouterr().err
     assert needle in err and err.count("error:") == 1, err
     assert not out.exists(), f"{case}: output directory was created"
@@ -119,7 +115,7 @@ def test_bad_input_clear_error_no_output(tmp_path, capsys, case, extra, needle):
 def test_empty_dataset_no_output(tmp_path, capsys):
     csv = write_csv(tmp_path / "empty.csv", texts=[], labels=[])
     out = tmp_path / "out"
-    assert main(["run", *_args(csv, out)]) == 2
+    assert main(["run", *job_args(csv, out)]) == 2
     assert "empty.csv" in capsys.readouterr().err and not out.exists()
 
 
@@ -143,7 +139,7 @@ def test_unfinished_kernel_of_other_plan_is_not_mixed(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "kernel").mkdir(parents=True)
     (out / "kernel" / "plan.json").write_text(json.dumps({"signature": "something-else"}))
-    assert main(["kernel", *_args(csv, out)]) == 2
+    assert main(["kernel", *job_args(csv, out)]) == 2
     assert "unfinished kernel" in capsys.readouterr().err
 
 
@@ -152,5 +148,5 @@ def test_finished_kernel_of_other_config_is_not_reused(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "kernel").mkdir(parents=True)
     (out / "kernel" / "manifest.json").write_text(json.dumps({"signature": "another-plan"}))
-    assert main(["run", *_args(csv, out)]) == 2
+    assert main(["run", *job_args(csv, out)]) == 2
     assert "different config" in capsys.readouterr().err

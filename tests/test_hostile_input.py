@@ -27,6 +27,8 @@ from freeshap_ray.data import load_splits
 from freeshap_ray.errors import KernelError, ModelError
 from freeshap_ray.models import check_model_dir, load_classifier, load_lm, resolve_model_path
 
+from .helpers import job_args
+
 torch.set_num_threads(1)
 
 TEXTS = ["the movie was great", "bad acting and a boring plot", "i loved it", "the worst film ever made",
@@ -42,8 +44,7 @@ TINY = [
 
 
 def _args(train, out, *extra) -> list[str]:
-    sets = [f"data.train={train}", f"output={out}", *TINY, *extra]
-    return [x for s in sets for x in ("--set", s)] + ["--no-progress"]
+    return job_args(train, out, *extra, base=TINY)
 
 
 def _csv(path: Path, texts=TEXTS, labels=LABELS, **extra_cols) -> Path:

@@ -21,10 +21,6 @@ from freeshap_ray.io import Layout, MarginalsStore, remote, remove_path, write_j
 from .helpers import job_args, write_csv
 
 
-
-_args = job_args
-
-
 def _files(root):
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
@@ -100,7 +96,7 @@ def test_cli_run_to_file_uri_resumes_and_mirrors_deletions(ray_local, tmp_path):
     csv = write_csv(tmp_path / "train.csv")
     dest = tmp_path / "bucket" / "run"
     uri = dest.as_uri()
-    assert main(["run", *_args(csv, uri)]) == 0
+    assert main(["run", *job_args(csv, uri)]) == 0
     files = _files(dest)
     for rel in ("manifest.json", "train.parquet", "test.parquet", "kernel/manifest.json", "kernel/plan.json",
                 "shapley/run.json", "values.parquet"):
@@ -120,7 +116,7 @@ def test_cli_run_to_file_uri_resumes_and_mirrors_deletions(ray_local, tmp_path):
     # the Shapley stage was killed: no values, the last marginal part lost -> the rerun resumes from the URI
     (dest / "values.parquet").unlink()
     sorted((dest / "shapley" / "marginals").glob("part-*.parquet"))[-1].unlink()
-    assert main(["run", *_args(csv, uri)]) == 0
+    assert main(["run", *job_args(csv, uri)]) == 0
     info = json.loads((dest / "manifest.json").read_text())["stages"]
     assert info["shapley"]["n_resumed"] > 0 and info["shapley"]["n_new"] > 0
     again = pq.read_table(dest / "values.parquet").to_pandas()
@@ -130,17 +126,17 @@ def test_cli_run_to_file_uri_resumes_and_mirrors_deletions(ray_local, tmp_path):
     (dest / "values.parquet").unlink()
     (dest / "kernel" / "manifest.json").unlink()
     sorted((dest / "kernel" / "train_train").glob("tile-*.parquet"))[-1].unlink()
-    assert main(["kernel", *_args(csv, uri)]) == 0
+    assert main(["kernel", *job_args(csv, uri)]) == 0
     assert json.loads((dest / "kernel" / "manifest.json").read_text())["tiles_computed"] == 1
     assert not (dest / "shapley").exists()  # stale marginals of the old kernel deleted remotely too
     np.testing.assert_allclose(load_kernel(uri)["train_train"], kernel, rtol=1e-12)
     remote.close_all()
-    assert main(["shapley", *_args(csv, uri)]) == 0
+    assert main(["shapley", *job_args(csv, uri)]) == 0
 
     # finished values at the URI are not overwritten; the error names the URI
-    assert main(["shapley", *_args(csv, uri)]) == 2
+    assert main(["shapley", *job_args(csv, uri)]) == 2
     # different settings + --overwrite: the old marginal parts are deleted remotely too
-    assert main(["shapley", *_args(csv, uri, "shapley.n_permutations=4", "shapley.truncation_tol=0"),
+    assert main(["shapley", *job_args(csv, uri, "shapley.n_permutations=4", "shapley.truncation_tol=0"),
                  "--overwrite"]) == 0
     marg = pq.read_table(dest / "shapley" / "marginals").to_pandas()
     assert sorted(marg["perm_id"]) == [0, 1, 2, 3]
@@ -158,7 +154,7 @@ def test_s3_without_credentials_fails_on_output_first(tmp_path, monkeypatch, cap
     monkeypatch.setenv("FREESHAP_RAY_STAGING", str(tmp_path / "staging"))
     t0 = time.perf_counter()
     # the data file does not exist either: the output is checked first, before data or model are loaded
-    assert main(["run", *_args(tmp_path / "missing.csv", "s3://freeshap-ray-no-such-bucket/run")]) == 2
+    assert main(["run", *job_args(tmp_path / "missing.csv", "s3://freeshap-ray-no-such-bucket/run")]) == 2
     err = capsys.readouterr().err
     assert "error: output: cannot access s3://freeshap-ray-no-such-bucket/run" in err, err
     assert "credentials" in err and "missing.csv" not in err
