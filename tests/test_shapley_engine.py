@@ -22,9 +22,8 @@ from freeshap_ray.valuation import (
 from freeshap_ray.valuation.baselines import ResolveBaseline, SchurFloat32Baseline
 from freeshap_ray.values import ValuesResult
 
+from .helpers import EPS, solve_tol, utility_tol
 from .test_shapley_math import make_problem
-
-EPS = np.finfo(np.float64).eps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,12 +45,15 @@ def low_rank_problem(n: int, m: int, rank: int, seed: int = 0) -> RegressionProb
 
 
 def direct_prefix_utilities(prob, perm, utility, per_test=False):
+    """Utilities of every prefix by direct solves, and the tolerance for other evaluations of them."""
     u = UTILITIES[utility]
     out = [empty_utility(prob, utility, per_test)]
+    scale = 0.0
     for k in range(1, len(perm) + 1):
         pred = prob.predict(perm[:k])
+        scale = max(scale, float(np.abs(pred).max()))
         out.append(u.per_test(pred, prob.y_test) if per_test else u(pred, prob.y_test))
-    return np.array(out)
+    return np.array(out), utility_tol(prob, scale)
 
 
 # ---- the incremental factor ------------------------------------------------------------------------
@@ -64,9 +66,11 @@ def test_raw_trsm_on_leading_block_matches_scipy():
     b = np.asfortranarray(rng.normal(size=(31, 4)))
     want = scipy.linalg.solve_triangular(big[:31, :31], b, lower=True)
     got = trsm_lower_inplace(big, 31, b.copy(order="F"))
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # two backward-stable triangular solves: ≤ 2 · k · cond(L) · eps relative (Higham, Thm 8.5)
+    tol = 2 * 31 * np.linalg.cond(big[:31, :31]) * EPS * np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
     # fallback path (C-ordered right-hand side) gives the same
-    np.testing.assert_allclose(trsm_lower_inplace(big, 31, np.ascontiguousarray(b)), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(trsm_lower_inplace(big, 31, np.ascontiguousarray(b)), want, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("utility", ["accuracy", "neg_ce"])
@@ -77,11 +81,14 @@ def test_every_prefix_utility_matches_direct_solve(utility, kind):
     prob = make_problem(n, 20, kind=kind, seed=21, lam=1e-2)
     perm = sampler_permutation(n, 3, 0)
     res = run_permutation(prob, perm, utility, truncation_tol=0)
-    ref = direct_prefix_utilities(prob, perm, utility)
-    np.testing.assert_allclose(np.cumsum(res.marginals[perm]) + ref[0], ref[1:], rtol=0, atol=1e-8)
+    ref, tol = direct_prefix_utilities(prob, perm, utility)
+    # the cumulative sum of n marginals adds n roundings of the utilities' size
+    tol += n * EPS * np.abs(ref).max()
+    np.testing.assert_allclose(np.cumsum(res.marginals[perm]) + ref[0], ref[1:], rtol=0, atol=tol)
     pt = run_permutation(prob, perm, utility, truncation_tol=0, per_test_point=True, block_size=17)
-    ref_pt = direct_prefix_utilities(prob, perm, utility, per_test=True)
-    np.testing.assert_allclose(np.cumsum(pt.marginals[perm], axis=0) + ref_pt[0], ref_pt[1:], rtol=0, atol=1e-8)
+    ref_pt, tol_pt = direct_prefix_utilities(prob, perm, utility, per_test=True)
+    tol_pt += n * EPS * np.abs(ref_pt).max()
+    np.testing.assert_allclose(np.cumsum(pt.marginals[perm], axis=0) + ref_pt[0], ref_pt[1:], rtol=0, atol=tol_pt)
 
 
 def test_rank_deficient_reference_scaling_stays_exact_and_reference_scheme_breaks():
@@ -89,8 +96,10 @@ def test_rank_deficient_reference_scaling_stays_exact_and_reference_scheme_break
 
     Ours (float64 incremental Cholesky) agrees with a float64 direct solve on every prefix to within the
     conditioning bound (both are backward stable, so they may differ by ~cond * eps relative); the
-    reference float32 Schur scheme loses everything: its train loss explodes and its test accuracy
-    falls far below the exact one.
+    reference float32 Schur scheme has no correct digit to keep (cond * eps32 ~ 24 >> 1): its error is
+    orders of magnitude beyond that bound and its test accuracy falls far below the exact one. How far
+    it blows up depends on the BLAS kernel and CPU (train losses of 4e2-4e3 were seen), so only the
+    comparison with the bound and the accuracy collapse are asserted.
     """
     n = 240
     prob = low_rank_problem(n, 100, rank=40)
@@ -99,7 +108,7 @@ def test_rank_deficient_reference_scaling_stays_exact_and_reference_scheme_break
     assert cond > 1e7 and np.sum(eig > 1e-8 * eig[-1]) <= 40
     perm = sampler_permutation(n, 0, 0)
     preds = IncrementalRegressor(prob).extend(perm)
-    tol = 20 * cond * EPS  # ~1e-6 relative
+    tol = solve_tol(prob)  # the rows · cond · eps forward-error bound
     worst = 0.0
     for k in range(n):
         want = prob.predict(perm[: k + 1])
@@ -115,10 +124,11 @@ def test_rank_deficient_reference_scaling_stays_exact_and_reference_scheme_break
     assert np.all(np.isfinite(res.marginals))
     # the reference scheme (float32 Schur updates, refresh every 500 > n: never refreshed here)
     ref = SchurFloat32Baseline(prob, perm, start=500, refresh=500, faithful_order=False)
-    exact_full = acc(prob.predict(), prob.y_test)
-    schur_full = acc(ref.predict(n), prob.y_test)
+    exact = prob.predict()
+    schur = ref.predict(n)
+    assert np.abs(schur - exact).max() / np.abs(exact).max() > 1e3 * tol  # ours is within tol on every prefix
+    exact_full, schur_full = acc(exact, prob.y_test), acc(schur, prob.y_test)
     assert schur_full < exact_full - 0.2, (schur_full, exact_full)
-    assert ref.train_loss() > 1e3  # one-hot targets: an exact fit has loss < 1
 
 
 def test_reference_scheme_is_faithful_on_a_well_conditioned_kernel():
@@ -169,6 +179,7 @@ def test_antithetic_and_plain_permutation_match_exact(utility):
     exact = exact_shapley(prob, utility)
     exact_pt = exact_shapley(prob, utility, per_test_point=True)
     vf = full_utility(prob, utility)
+    _, tol = direct_prefix_utilities(prob, np.arange(n), "neg_ce")
     for sampler, count in (("antithetic", 1200), ("permutation", 1200)):
         ids = np.arange(count)
         runs = [run_permutation(prob, sampler_permutation(n, 9, int(i), sampler), utility, truncation_tol=0,
@@ -179,7 +190,7 @@ def test_antithetic_and_plain_permutation_match_exact(utility):
             res = ValuesResult.from_marginals(samples)
             assert res.counts[0] == (count // 2 if sampler == "antithetic" else count)
             ok = res.stderr > 0
-            np.testing.assert_allclose(res.values[~ok], want[~ok], atol=1e-9)
+            np.testing.assert_allclose(res.values[~ok], want[~ok], atol=tol)
             z = np.abs(res.values[ok] - want[ok]) / res.stderr[ok]
             assert z.max() < (3.5 if per_test else 3.0), (sampler, per_test, z.max())  # 105 per-test comparisons
 
@@ -252,4 +263,5 @@ def test_efficiency_of_every_sampler_sample():
     marg = np.stack([run_permutation(prob, sampler_permutation(20, 2, int(i), "antithetic"), "neg_ce",
                                      truncation_tol=0, v_full=vf).marginals for i in ids])
     _, samples = samples_from_marginals(ids, marg, "antithetic")
-    np.testing.assert_allclose(samples.sum(axis=1), vf - ve, atol=1e-10)
+    _, tol = direct_prefix_utilities(prob, sampler_permutation(20, 2, 0, "antithetic"), "neg_ce")
+    np.testing.assert_allclose(samples.sum(axis=1), vf - ve, atol=tol + 20 * EPS * abs(vf))
