@@ -1,0 +1,22 @@
+"""Shell commands quoted in the docs as argv lists, so tests run or check exactly what the docs say."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+
+def doc_command(path: str | Path, start: str) -> list[str]:
+    """argv of the first command in ``path`` that begins with ``start``: Markdown or ``#``-comment lines,
+    backslash continuations joined, a trailing ``# comment`` dropped, quotes removed, nothing expanded."""
+    lines = [ln.strip().lstrip("#").strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    for i, line in enumerate(lines):
+        at = line.find(start)
+        if at < 0 or line[:at].strip():
+            continue
+        cmd = line[at:]
+        while cmd.endswith("\\"):
+            i += 1
+            cmd = cmd[:-1] + " " + lines[i]
+        return shlex.split(cmd, comments=True)
+    raise AssertionError(f"{path}: no command starting with {start!r}")
