@@ -184,19 +184,25 @@ def test_readme_job_submit_on_unactivated_head(ray_head, ray_local, tmp_path):
     submit = [str(RAY), *client[1:], "--submission-id", sid, "--", str(PYTHON), *entry[1:5],
               *[x for s in [*sets, f"output={remote_out.as_uri()}"] for x in ("--set", s)]]
     env = {**ray_head["env"], "RAY_ADDRESS": ray_head["dashboard"]}  # the README's `export RAY_ADDRESS=...`
+    # Control: on this head a bare `freeshap-ray` entrypoint is not found (the failure the README names).
+    bare = [str(RAY), *client[1:], "--", "freeshap-ray", "--help"]
     t0 = time.perf_counter()
-    job = subprocess.Popen(submit, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)  # blocks until the job ends (exit 1 if it failed)
+    job, control = (subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True) for cmd in (submit, bare))  # each blocks until its job ends
     try:
         # meanwhile: the same config run locally in this process (embedded Ray)
         local_out = tmp_path / "local"
         assert main(["run", str(REPO / "configs" / "quickstart.yaml"), "--no-progress",
                      *[x for s in [*sets, f"output={local_out}"] for x in ("--set", s)]]) == 0
         logs, _ = job.communicate(timeout=240)
+        control_logs, _ = control.communicate(timeout=120)
     finally:
-        if job.poll() is None:
-            job.kill()
+        for p in (job, control):
+            if p.poll() is None:
+                p.kill()
+        if job.returncode is None:
             _job(ray_head, "stop", "--address", ray_head["dashboard"], sid, timeout=60)
+    assert control.returncode != 0 and "freeshap-ray: not found" in control_logs, control_logs[-3000:]
     assert job.returncode == 0, logs[-6000:]
     status = _job(ray_head, "status", "--address", ray_head["dashboard"], sid, timeout=60)
     assert "SUCCEEDED" in (status.stdout + status.stderr).upper(), status.stdout + status.stderr
