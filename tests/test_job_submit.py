@@ -108,7 +108,8 @@ def ray_head(tmp_path_factory):
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
     )
     assert shutil.which("freeshap-ray", path=SYSTEM_PATH) is None  # the README's failure mode is present
-    assert BIN not in [Path(p).parent for p in (shutil.which("python", path=SYSTEM_PATH), shutil.which("ray", path=SYSTEM_PATH)) if p]
+    found = [shutil.which(name, path=SYSTEM_PATH) for name in ("python", "python3", "ray")]
+    assert BIN not in [Path(p).parent for p in found if p]
     ports = dict(zip(_PORTS, _free_ports(len(_PORTS))))
     readme = doc_command(REPO / "README.md", ".venv/bin/ray start --head")  # the README's head, un-activated
     mine = ["--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",

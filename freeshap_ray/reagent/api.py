@@ -76,7 +76,8 @@ def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str 
     Returns:
         :class:`ReagentResult`.
     """
-    cfg, evaluation = _settings(config, overrides, replacer, dict(max_new_tokens=max_new_tokens, chat_template=chat_template),
+    cfg, evaluation = _settings(config, overrides, replacer,
+                                dict(max_new_tokens=max_new_tokens, chat_template=chat_template),
                                 dict(baselines=baselines, metrics=metrics, metric_samples=metric_samples))
     if schedule not in ("batched", "sequential"):
         raise ConfigError(f"schedule: must be 'batched' or 'sequential', got {schedule!r}")
