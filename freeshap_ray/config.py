@@ -472,6 +472,8 @@ class ReagentConfig:
             raise ConfigError(f"reagent.replacing_ratio: must be in (0, 1), got {self.replacing_ratio}")
         if self.speculative_growth < 0:
             raise ConfigError(f"reagent.speculative_growth: must be >= 0, got {self.speculative_growth}")
+        if not isinstance(self.sampler, str) or self.sampler not in ("uniform", "pos", "mlm"):
+            raise ConfigError(f"reagent.sampler: must be one of ['uniform', 'pos', 'mlm'], got {self.sampler!r}")
         if self.sampler == "mlm" and not self.mlm_path:
             raise ConfigError("reagent.mlm_path: required when reagent.sampler is 'mlm'")
 

@@ -402,6 +402,62 @@ def test_pos_sampler_missing_tagger_is_a_clear_error(tok, monkeypatch):
     pos.load_tagger.cache_clear()
 
 
+def test_sampler_keyword_is_the_config_key_and_replacer_takes_an_object(tok):
+    import importlib.util
+
+    if importlib.util.find_spec("textblob_aptagger") is None:
+        pytest.skip("extra 'pos' (textblob-aptagger) not installed")
+    from freeshap_ray.reagent import PosSampler
+
+    text = "the movie was great and the music was very good"
+    model = _one_pos(tok)
+    res = reagent_attribute(model, tok, text, target="x", sampler="pos", num_probes=3, max_steps=20)
+    assert res.attributions.score.notna().all()
+    ctx = res.prompts[0].ids[: res.prompts[0].n_prompt]
+    pos = np.flatnonzero(~np.isin(ctx, sorted(special_token_ids(tok))))
+    groups = PosSampler(valid_token_ids(model, tok), tok)
+    tags = groups.context_tags(ctx, pos)
+    rows = np.concatenate([b for b in model.forward_log if b.shape[1] == len(ctx)])
+    changed = rows[:, pos] != ctx[pos]
+    assert changed.any()
+    for k, tag in enumerate(tags):  # every replacement keeps the coarse part of speech: the POS sampler ran
+        assert set(rows[changed[:, k], pos[k]].tolist()) <= set(groups.groups[tag].tolist()), tag
+
+    model = _one_pos(tok)
+    only = int(valid_token_ids(model, tok)[5])
+    reagent_attribute(model, tok, text, target="x", replacer=UniformSampler(np.array([only])), num_probes=3, max_steps=5)
+    rows = np.concatenate([b for b in model.forward_log if b.shape[1] == len(ctx)])
+    assert set(rows[:, pos][rows[:, pos] != ctx[pos]].tolist()) == {only}
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    (dict(sampler="nope"), r"^reagent\.sampler: must be one of \['uniform', 'pos', 'mlm'\], got 'nope'"),
+    (dict(sampler=3), r"^reagent\.sampler: must be one of .*got 3"),
+    (dict(sampler=None), r"^reagent\.sampler"),
+    (dict(sampler=UniformSampler(np.arange(5))), r"^reagent\.sampler: a sampler name .*replacer="),
+    (dict(replacer="pos"), r"^replacer: expected a freeshap_ray\.reagent\.Sampler, got str"),
+    (dict(replacer=UniformSampler(np.arange(5)), sampler="pos"), r"^replacer: give sampler=NAME or replacer"),
+    (dict(num_probes="8"), r"^reagent\.num_probes: expected an integer"),
+    (dict(max_new_tokens=0), r"^prompts\.max_new_tokens: must be >= 1"),
+    (dict(chat_template="yes"), r"^prompts\.chat_template: expected true/false"),
+    (dict(baselines="random"), r"^evaluation\.baselines: expected a list"),
+    (dict(baselines=["lime"]), r"^evaluation\.baselines\[0\]"),
+    (dict(metric_samples=0), r"^evaluation\.metric_samples"),
+    (dict(config={"num_probes": 3}), r"^config: expected a freeshap_ray\.config\.ReagentConfig"),
+    (dict(schedule="fast"), r"^schedule: must be"),
+])
+def test_reagent_attribute_bad_keywords_are_config_errors(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        reagent_attribute(None, None, "x", **kwargs)  # checked before the model is touched
+
+
+def test_reagent_config_sampler_checked_when_built_directly():
+    with pytest.raises(ConfigError, match=r"^reagent\.sampler: must be one of"):
+        ReagentConfig(sampler="nope")
+    with pytest.raises(ConfigError, match=r"^replacer"):
+        ReagentRunner(_one_pos(tiny_tokenizer()), tiny_tokenizer(), replacer="pos")
+
+
 def test_mlm_sampler_samples_valid_ids(tiny_llama):
     from freeshap_ray.reagent import build_sampler
 

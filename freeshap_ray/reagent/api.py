@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ReagentConfig, ReagentEvalConfig
+from ..config import ReagentConfig, ReagentEvalConfig, ReagentPromptsConfig, _build
 from ..errors import ConfigError
 from .algorithm import TargetResult
 from .html import heatmap_html
 from .runner import PreparedPrompt, ReagentRunner, prepare_prompt
+from .samplers import Sampler
 
 __all__ = ["ReagentResult", "reagent_attribute"]
 
@@ -47,8 +48,14 @@ class ReagentResult:
 def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str | list[str | None] | None = None,
                       max_new_tokens: int = 3, chat_template: bool = False, config: ReagentConfig | None = None,
                       baselines: tuple[str, ...] | list[str] = (), metrics: bool = False, metric_samples: int = 16,
-                      sampler=None, schedule: str = "batched", packed: bool | None = None, **overrides) -> ReagentResult:
+                      replacer: Sampler | None = None, schedule: str = "batched", packed: bool | None = None,
+                      **overrides) -> ReagentResult:
     """ReAGent token attributions of a causal LM's target tokens for ``prompt``.
+
+    Keywords named like config keys take that key's values: ``max_new_tokens``, ``chat_template``
+    (``prompts.*``), ``baselines``, ``metrics``, ``metric_samples`` (``evaluation.*``) and every
+    ``reagent.*`` key as ``**overrides`` (``num_probes=8, max_steps=500, sampler="pos"``). A bad value
+    or an unknown keyword is a :class:`~freeshap_ray.errors.ConfigError` naming the key.
 
     Args:
         model: a causal LM (``model(input_ids=..., attention_mask=...).logits``), or a ``model.path`` string
@@ -57,10 +64,11 @@ def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str 
         prompt: one prompt, or a list of prompts (prompt ids 0, 1, ...).
         target: target text (per prompt when a list); ``None`` = greedy generation of ``max_new_tokens``.
         chat_template: wrap the prompt as a user message with the tokenizer's chat template.
-        config: :class:`~freeshap_ray.config.ReagentConfig`; keyword ``overrides`` replace its fields
-            (e.g. ``num_probes=8, max_steps=500, sampler="pos"``).
+        config: a :class:`~freeshap_ray.config.ReagentConfig`; ``overrides`` replace its fields.
         baselines: extra methods with the same output (``input_x_gradient``, ``integrated_gradients``,
             ``attention``, ``random``); ``metrics``: also compute Soft-NS/Soft-NC for every method.
+        replacer: a ready :class:`~freeshap_ray.reagent.Sampler` object used instead of the one
+            ``sampler`` (``uniform`` | ``pos`` | ``mlm``) names; give one or the other.
         schedule: ``batched`` (default) or ``sequential`` (batch-1 steps; identical results, slower).
         packed: ``None`` (default) packed prefix-reusing forwards where the model supports them, ``False``
             plain padded forwards (same results up to float rounding; see :mod:`freeshap_ray.reagent.packed`).
@@ -68,14 +76,11 @@ def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str 
     Returns:
         :class:`ReagentResult`.
     """
-    cfg = config or ReagentConfig()
-    if overrides:
-        names = {f.name for f in dataclasses.fields(ReagentConfig)}
-        for k in overrides:
-            if k not in names:
-                raise ConfigError(f"reagent.{k}: unknown key (known: {', '.join(sorted(names))})")
-        cfg = dataclasses.replace(cfg, **overrides)
-    evaluation = ReagentEvalConfig(baselines=tuple(baselines), metrics=metrics, metric_samples=metric_samples, seed=cfg.seed)
+    cfg, evaluation = _settings(config, overrides, replacer,
+                                dict(max_new_tokens=max_new_tokens, chat_template=chat_template),
+                                dict(baselines=baselines, metrics=metrics, metric_samples=metric_samples))
+    if schedule not in ("batched", "sequential"):
+        raise ConfigError(f"schedule: must be 'batched' or 'sequential', got {schedule!r}")
     if isinstance(model, str):
         from ..models import load_lm, resolve_model_path
 
@@ -92,7 +97,7 @@ def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str 
         targets = list(target)
         if len(targets) != len(prompts):
             raise ConfigError(f"target: {len(targets)} targets for {len(prompts)} prompts; give one per prompt")
-    runner = ReagentRunner(model, tokenizer, cfg, evaluation=evaluation, sampler=sampler, packed=packed)
+    runner = ReagentRunner(model, tokenizer, cfg, evaluation=evaluation, replacer=replacer, packed=packed)
     prepared = [prepare_prompt(model, tokenizer, p, prompt_id=i, target=t, max_new_tokens=max_new_tokens,
                                chat_template=chat_template) for i, (p, t) in enumerate(zip(prompts, targets))]
     out = runner.run(prepared, schedule=schedule)
@@ -103,3 +108,24 @@ def reagent_attribute(model, tokenizer, prompt: str | list[str], *, target: str 
     attr = pd.DataFrame(out.attributions, columns=ATTRIBUTIONS_SCHEMA.names)
     met = pd.DataFrame(out.metrics, columns=METRICS_SCHEMA.names) if metrics else None
     return ReagentResult(attr, met, prepared, out.results, out.stats)
+
+
+def _settings(config, overrides: dict, replacer, prompt_keys: dict, eval_keys: dict):
+    """Validated (ReagentConfig, ReagentEvalConfig) from the keywords of :func:`reagent_attribute`."""
+    if config is not None and not isinstance(config, ReagentConfig):
+        raise ConfigError(f"config: expected a freeshap_ray.config.ReagentConfig, got {type(config).__name__}")
+    if isinstance(overrides.get("sampler"), Sampler):
+        raise ConfigError("reagent.sampler: a sampler name ('uniform', 'pos', 'mlm'); pass a Sampler object as replacer=")
+    if replacer is not None:
+        if not isinstance(replacer, Sampler):
+            raise ConfigError(f"replacer: expected a freeshap_ray.reagent.Sampler, got {type(replacer).__name__}")
+        if "sampler" in overrides:
+            raise ConfigError("replacer: give sampler=NAME or replacer=SAMPLER, not both")
+    cfg = config or ReagentConfig()
+    if overrides:
+        cfg = _build(ReagentConfig, {**dataclasses.asdict(cfg), **overrides}, "reagent.")
+    _build(ReagentPromptsConfig, prompt_keys, "prompts.")  # type and range checks only
+    baselines = eval_keys["baselines"]
+    eval_keys["baselines"] = list(baselines) if isinstance(baselines, (list, tuple)) else baselines
+    evaluation = _build(ReagentEvalConfig, {**eval_keys, "seed": cfg.seed}, "evaluation.")
+    return cfg, evaluation

@@ -103,10 +103,11 @@ class RunOutput:
 
 class ReagentRunner:
     """Holds a model, its sampler and engine; attributes prepared prompts (all targets batched).
-    ``packed``: see :class:`~.lm.TargetLM` (``False`` forces plain padded forwards)."""
+    ``replacer``: a ready :class:`~.samplers.Sampler` used instead of building the one ``cfg.sampler``
+    names. ``packed``: see :class:`~.lm.TargetLM` (``False`` forces plain padded forwards)."""
 
     def __init__(self, model, tokenizer, cfg: ReagentConfig | None = None, *, evaluation: ReagentEvalConfig | None = None,
-                 sampler: Sampler | None = None, cache_dir: str | None = None, trust_remote_code: bool = False,
+                 replacer: Sampler | None = None, cache_dir: str | None = None, trust_remote_code: bool = False,
                  packed: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -119,7 +120,9 @@ class ReagentRunner:
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None) or 0
         self.lm = TargetLM(model, batch_rows=self.cfg.batch_rows, pad_id=int(pad), packed=packed)
-        self.sampler = sampler or build_sampler(self.cfg.sampler, model, tokenizer, mlm_path=self.cfg.mlm_path,
+        if replacer is not None and not isinstance(replacer, Sampler):
+            raise ConfigError(f"replacer: expected a freeshap_ray.reagent.Sampler, got {type(replacer).__name__}")
+        self.sampler = replacer or build_sampler(self.cfg.sampler, model, tokenizer, mlm_path=self.cfg.mlm_path,
                                                 cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                                                 batch_rows=self.cfg.batch_rows)
         self.engine = ReagentEngine(self.lm, self.sampler, self.cfg, self.special)
