@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from freeshap_ray.apps.baselines import KernelSurrogate
+from freeshap_ray.apps.kernel_baselines import KernelSurrogate
 from freeshap_ray.apps.cleaning import write_suspects
 from freeshap_ray.apps.curves import curve_sizes, prefix_utilities
 from freeshap_ray.utility import RegressionProblem

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 from freeshap_ray.utility import UTILITIES, RegressionProblem  # noqa: E402
 from freeshap_ray.utility._blas import HAVE_RAW_TRSM  # noqa: E402
 from freeshap_ray.valuation import full_utility, run_permutation, sampler_permutation  # noqa: E402
-from freeshap_ray.valuation.baselines import ResolveBaseline, SchurFloat32Baseline  # noqa: E402
+from freeshap_ray.valuation.reference_schemes import ResolveBaseline, SchurFloat32Baseline  # noqa: E402
 
 ACC = UTILITIES["accuracy"]
 
@@ -156,7 +156,9 @@ def bench_ray(prob: RegressionProblem, v_full: float, perms: int, rounds: int) -
     try:
         ref = ray.put(prob)
         task = ray.remote(num_cpus=1)(_cpu_timed_batch)
-        args = (0, "accuracy", "tmc", 0.0, 2, v_full, False, 64, 1)
+        from freeshap_ray.valuation.settings import ValuationSettings
+
+        args = (ValuationSettings.of(None, "accuracy", truncation_tol=0.0, num_cpus_per_task=1.0), v_full)
         ray.get([task.remote(ref, [900 + i], *args) for i in range(2)])  # warm both workers
         load0 = os.getloadavg()
         half = perms // 2

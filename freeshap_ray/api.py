@@ -70,48 +70,29 @@ def shapley(
 
     Runs on the current Ray runtime; starts an embedded local one (127.0.0.1) if none is running.
     """
+    from .config import ShapleyConfig, _build
     from .distributed import ensure_ray
-    from .distributed.shapley_job import run_resumable, run_tmc
+    from .distributed.shapley_job import run_valuation
     from .io import MarginalsStore
-    from .valuation import StoppingRule, check_sampler, samples_from_marginals, sign_agreement
+    from .valuation.settings import ValuationSettings
+    from .valuation.sinks import MemorySink
 
-    check_sampler(sampler)
+    keys = {k: v for k, v in locals().items() if k in _CONFIG_KEYS}  # the keywords that mirror shapley.* keys
+    if isinstance(utility, str):
+        keys["utility"] = utility
+    settings = ValuationSettings.of(_build(ShapleyConfig, keys, "shapley."), utility)  # validated here, once
     problem = RegressionProblem.from_kernels(
         k_train, k_test_train, y_train, y_test, n_classes=n_classes, lam=lam, kernel_divisor=kernel_divisor
     )
-    stopping = StoppingRule(convergence, tol=convergence_tol, top_k=convergence_top_k,
-                            patience=convergence_patience, min_samples=min_permutations)
     ensure_ray()
-    common = dict(utility=utility, sampler=sampler, n_permutations=n_permutations, truncation_tol=truncation_tol,
-                  truncation_patience=truncation_patience, seed=seed, per_test_point=per_test_point,
-                  permutations_per_task=permutations_per_task, num_cpus_per_task=num_cpus_per_task,
-                  max_seconds=max_seconds, stopping=stopping, progress=progress)
-    if checkpoint_dir is not None:
-        streamed = run_resumable(problem, MarginalsStore(checkpoint_dir), resume=resume, sign_splits=sign_splits,
-                                 **common)
-        result = streamed.per_test if per_test_point else streamed.values
-        assert result is not None
-        result.info["sign_agreement"] = streamed.sign.per_point
-        return result
-
-    ids: list[int] = []
-    rows: list[np.ndarray] = []
-
-    def collect(batch) -> None:
-        for pid, r in batch:
-            ids.append(pid)
-            rows.append(r.marginals.mean(axis=1) if r.marginals.ndim == 2 else r.marginals)
-
-    run = run_tmc(problem, on_batch=collect, **common)
+    sink = MemorySink() if checkpoint_dir is None else MarginalsStore(checkpoint_dir)
+    run = run_valuation(problem, settings, sink, progress=progress)
     result = run.per_test if per_test_point else run.values
-    assert result is not None
-    marg = np.stack(rows) if rows else np.zeros((0, problem.n))
-    _, samples = samples_from_marginals(np.array(ids, dtype=np.int64), marg, sampler)
-    sign = sign_agreement(samples, n_splits=sign_splits, seed=seed)
-    result.info.update(
-        v_full=run.v_full, v_empty=run.v_empty, n_permutations=int(run.perm_ids.size), n_samples=int(samples.shape[0]),
-        mean_truncated_at=float(run.truncated_at.mean()) if run.truncated_at.size else float("nan"),
-        seconds=run.seconds, stop_reason=run.stop_reason, sampler=sampler, sign_agreement=sign.per_point,
-        **sign.as_info(),
-    )
+    result.info["sign_agreement"] = run.sign.per_point
     return result
+
+
+_CONFIG_KEYS = frozenset(
+    ["n_permutations", "truncation_tol", "truncation_patience", "lam", "kernel_divisor", "seed", "per_test_point",
+     "permutations_per_task", "sampler", "max_seconds", "convergence", "convergence_tol", "convergence_top_k",
+     "convergence_patience", "min_permutations", "resume", "sign_splits", "num_cpus_per_task"])

@@ -63,15 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _runtime(cfg: JobConfig, address: str | None):
+def _runtime(cfg, address: str | None):
+    """The Ray runtime of a job config (FreeShap or ReAGent): its ``ray`` section, ``--address`` first."""
     from .distributed import ray_runtime
 
-    return ray_runtime(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
+    return ray_runtime(cfg.ray, address)
 
 
 def _dispatch_reagent(args: argparse.Namespace) -> int:
     from .config import load_reagent_config
-    from .distributed import ray_runtime
 
     if args.config is None:
         raise FreeShapError("reagent: give a ReAGent job CONFIG (YAML with prompts.path, model, reagent, output)")
@@ -82,7 +82,7 @@ def _dispatch_reagent(args: argparse.Namespace) -> int:
     if local_root(cfg.output) != Path(cfg.output):  # an output URI: work in its staging copy (io.remote)
         cfg = dataclasses.replace(cfg, output=str(local_root(cfg.output)))
 
-    with ray_runtime(args.address or cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard):
+    with _runtime(cfg, args.address):
         s = run_reagent_job(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"reagent: {s['targets']} target tokens of {s['prompts']} prompts ({s['converged_targets']} converged), "
           f"{s['forward_rows']} forward rows, {s['seconds']['total']:.1f} s -> {display(Path(cfg.output) / 'attributions.parquet')}")
@@ -130,31 +130,35 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "clean":
         return _dispatch_clean(cfg, args)
     from . import pipeline
+    from .io import Layout
     from .io.remote import display
 
     progress = not args.no_progress
-    if args.command in ("run", "kernel"):
-        stage = pipeline.prepare_kernel_stage(cfg, overwrite=args.overwrite)
-        with _runtime(cfg, args.address):
-            info = pipeline.run_kernel_stage(stage, progress=progress)
+
+    def report(stage: str, info: dict) -> None:
+        layout = Layout.of(cfg.output)
+        if stage == "kernel":
             how = "reused the finished kernel" if info.get("reused") else f"in {info['seconds']['total']:.1f} s"
             print(f"kernel: {info['n_train']}x{info['n_train']} + {info['n_test']}x{info['n_train']} "
-                  f"({info['kind']}, {info['n_params']:,} parameters) {how} -> {display(stage.layout.kernel_dir)}")
-            if args.command == "run":
-                s = pipeline.run_shapley_stage(cfg, overwrite=True, progress=progress)
+                  f"({info['kind']}, {info['n_params']:,} parameters) {how} -> {display(layout.kernel_dir)}")
+            return
+        print(f"shapley: {info['n_permutations']} permutations, v(N)={info['v_full']:.4f}, "
+              f"v(empty)={info['v_empty']:.4f}, {info['seconds']:.1f} s -> {display(layout.values)}")
+        print(f"shapley: {info['n_resumed']} resumed + {info['n_new']} new; stopped on {info['stop_reason']}; "
+              f"sign agreement between halves {info['sign_agreement_halves']:.3f}")
+        print(pipeline.summary(layout.values))
+
+    if args.command == "run":
+        pipeline.run_job(cfg, overwrite=args.overwrite, progress=progress, address=args.address, on_stage=report)
+    elif args.command == "kernel":
+        stage = pipeline.prepare_kernel_stage(cfg, overwrite=args.overwrite)
+        with _runtime(cfg, args.address):
+            report("kernel", pipeline.run_kernel_stage(stage, progress=progress))
     else:
         inputs = pipeline.prepare_shapley_stage(cfg, overwrite=args.overwrite)  # validates before Ray starts
         with _runtime(cfg, args.address):
-            s = pipeline.run_shapley_stage(cfg, overwrite=args.overwrite, progress=progress, inputs=inputs)
-    if args.command in ("run", "shapley"):
-        from .io import Layout
-
-        path = Layout.of(cfg.output).values
-        print(f"shapley: {s['n_permutations']} permutations, v(N)={s['v_full']:.4f}, v(empty)={s['v_empty']:.4f}, "
-              f"{s['seconds']:.1f} s -> {display(path)}")
-        print(f"shapley: {s['n_resumed']} resumed + {s['n_new']} new; stopped on {s['stop_reason']}; "
-              f"sign agreement between halves {s['sign_agreement_halves']:.3f}")
-        print(pipeline.summary(path))
+            report("shapley", pipeline.run_shapley_stage(cfg, overwrite=args.overwrite, progress=progress,
+                                                         inputs=inputs))
     return 0
 
 

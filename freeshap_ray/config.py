@@ -250,6 +250,16 @@ class KernelConfig:
                 f"kernel.param_shards: {self.param_shards} shards need kernel.num_actors >= {self.param_shards}"
             )
 
+    @property
+    def threads(self) -> int:
+        """torch/BLAS threads of one actor: its CPUs (at least 1)."""
+        return max(1, int(round(self.num_cpus_per_actor)))
+
+    @property
+    def device(self) -> str:
+        """``cuda`` when each actor has a GPU, else ``cpu``."""
+        return "cuda" if self.num_gpus_per_actor > 0 else "cpu"
+
 
 @dataclass(frozen=True)
 class ShapleyConfig:
@@ -585,14 +595,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):

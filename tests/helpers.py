@@ -125,3 +125,26 @@ def utility_tol(problem, pred_scale: float, safety: float = 10.0) -> float:
     logits (max norm) and a marginal is a difference of two utilities, so 4·max|ΔF|. Accuracy is exact
     unless a prediction lies within that distance of a tie."""
     return 4.0 * solve_tol(problem, safety) * max(1.0, pred_scale)
+
+
+def run_kernel_job(job, layout, **kw) -> dict:
+    """A kernel job (``KernelInputs``) into ``layout``, finished as the kernel stage finishes it (manifest last);
+    returns the job's statistics."""
+    from freeshap_ray.distributed.kernel_job import compute_kernel
+    from freeshap_ray.io import KernelStore
+
+    store = KernelStore(layout)
+    info = compute_kernel(job, store, **kw)
+    store.finish(info)
+    return info
+
+
+def run_resumable(problem, store, *, utility="accuracy", progress=False, on_batch=None, discard_mismatched=False,
+                  **shapley_keys):
+    """The valuation engine on ``problem`` streaming to ``store``, with ``shapley.*`` keys as keywords."""
+    from freeshap_ray.distributed.shapley_job import run_valuation
+    from freeshap_ray.valuation.settings import ValuationSettings
+
+    store.discard_mismatched = discard_mismatched
+    settings = ValuationSettings.of(None, utility, **shapley_keys)
+    return run_valuation(problem, settings, store, progress=progress, on_batch=on_batch)

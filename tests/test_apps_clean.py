@@ -20,7 +20,7 @@ from freeshap_ray.apps.cleaning import prepare_clean
 from freeshap_ray.cli import main
 from freeshap_ray.config import config_from_dict, config_to_dict
 from freeshap_ray.errors import ConfigError, OutputError
-from freeshap_ray.io import Layout, write_examples, write_kernel_manifest, write_kernel_tile
+from freeshap_ray.io import KernelStore, Layout, write_examples, write_kernel_tile
 from freeshap_ray.io.apps_store import (
     CURVES_SCHEMA,
     DETECTION_SCHEMA,
@@ -67,7 +67,7 @@ def write_synthetic_run(out, n=N_TRAIN, m=N_TEST, seed=0):
     write_examples(layout, "test", [f"test point {i}" for i in range(m)], yt, np.arange(m), NAMES)
     write_kernel_tile(layout, "train_train", "tile-r00000-c00000", 0, 0, k_tt)
     write_kernel_tile(layout, "test_train", "tile-r00000-c00000", 0, 0, k_st)
-    write_kernel_manifest(layout, {"kind": "first_logit", "n_train": n, "n_test": m, "n_classes": 2, "n_params": DIM,
+    KernelStore(layout).finish({"kind": "first_logit", "n_train": n, "n_test": m, "n_classes": 2, "n_params": DIM,
                                    "tiles": {"train_train": ["tile-r00000-c00000"], "test_train": ["tile-r00000-c00000"]}})
     return k_tt, k_st, y, yt
 
@@ -203,7 +203,7 @@ def test_clean_cli_without_noise_and_full_kernel(ray_local, tmp_path, capsys):
     full_st = k_st[:, :, None, None] * eye + 0.3 * k_st[:, :, None, None]
     write_kernel_tile(layout, "train_train", "t0", 0, 0, full_tt)
     write_kernel_tile(layout, "test_train", "t0", 0, 0, full_st)
-    write_kernel_manifest(layout, {"kind": "full", "n_train": 40, "n_test": 20, "n_classes": 2,
+    KernelStore(layout).finish({"kind": "full", "n_train": 40, "n_test": 20, "n_classes": 2,
                                    "tiles": {"train_train": ["t0"], "test_train": ["t0"]}})
     d = job_dict(out, noise_fraction=0.0, per_class_normalise=True, baselines=["loo", "tracin"])
     run_shapley_stage(config_from_dict(d), progress=False)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from freeshap_ray.apps import run_clean
-from freeshap_ray.apps.finetune import finetune_accuracy
+from freeshap_ray.apps.finetune import FinetuneSettings, Labelled, finetune_accuracy
 from freeshap_ray.config import ModelConfig, config_from_dict
 from freeshap_ray.models import load_classifier, resolve_model_path
 
@@ -24,12 +24,13 @@ def tiny_dir():
 
 def test_finetuning_fits_its_subset_and_is_reproducible(tiny_dir):
     y = np.array([0 if lab == "negative" else 1 for lab in LABELS])
-    a = finetune_accuracy(tiny_dir, TINY, TEXTS, y, TEXTS[:4], y[:4], epochs=40, lr=3e-2, batch_size=4, seed=1)
+    fast = FinetuneSettings(epochs=40, lr=3e-2, batch_size=4, seed=1)
+    a = finetune_accuracy(tiny_dir, TINY, Labelled(TEXTS, y), Labelled(TEXTS[:4], y[:4]), fast)
     assert a["train_accuracy"] == 1.0 and a["steps"] == 40 * 3
-    b = finetune_accuracy(tiny_dir, TINY, TEXTS, y, TEXTS[:4], y[:4], epochs=40, lr=3e-2, batch_size=4, seed=1)
+    b = finetune_accuracy(tiny_dir, TINY, Labelled(TEXTS, y), Labelled(TEXTS[:4], y[:4]), fast)
     assert a["accuracy"] == b["accuracy"] and a["train_accuracy"] == b["train_accuracy"]
     # the empty subset is the untrained (zero-shot) classifier
-    empty = finetune_accuracy(tiny_dir, TINY, [], y[:0], TEXTS, y, epochs=3)
+    empty = finetune_accuracy(tiny_dir, TINY, Labelled([], y[:0]), Labelled(TEXTS, y))
     clf = load_classifier(tiny_dir, TINY)
     enc = clf.encode(TEXTS)
     zero_shot = float((clf(enc.input_ids, enc.attention_mask, enc.read_pos).argmax(1).numpy() == y).mean())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from freeshap_ray.apps.baselines import KernelSurrogate, baseline_scores, tracin_values
+from freeshap_ray.apps.kernel_baselines import KernelSurrogate, baseline_scores, tracin_values
 from freeshap_ray.apps.curves import (
     curve_sizes,
     detection_curve,

@@ -19,11 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from freeshap_ray.distributed.shapley_job import run_resumable
 from freeshap_ray.io import MarginalsStore, load_kernel
 from freeshap_ray.utility import RegressionProblem
 
-from .helpers import LABELS, TEXTS, write_csv
+from .helpers import LABELS, TEXTS, run_kernel_job, run_resumable, write_csv
 
 
 def problem(n=10, m=12, d=5, seed=0) -> RegressionProblem:
@@ -89,7 +88,7 @@ def test_failed_kernel_job_releases_its_actors_and_placement_group(ray_local, tm
     from ray.util import placement_group_table
 
     from freeshap_ray.config import KernelConfig, ModelConfig
-    from freeshap_ray.distributed.kernel_job import compute_kernel
+    from freeshap_ray.distributed.kernel_job import KernelInputs
     from freeshap_ray.grads import param_sizes
     from freeshap_ray.io import Layout
     from freeshap_ray.models import load_classifier, resolve_model_path, select_params
@@ -110,8 +109,8 @@ def test_failed_kernel_job_releases_its_actors_and_placement_group(ray_local, tm
     before = set(placement_group_table())
     cpus = ray.available_resources().get("CPU", 0.0)
     with pytest.raises(Interrupt):
-        compute_kernel(TEXTS[:4], TEXTS[4:6], model_dir, cfg, kcfg, layout, param_names=names,
-                       param_sizes=param_sizes(clf, names), progress=False, on_tile=interrupt)
+        run_kernel_job(KernelInputs(TEXTS[:4], TEXTS[4:6], model_dir, cfg, kcfg, names, param_sizes(clf, names)),
+                       layout, progress=False, on_tile=interrupt)
     new = {k: v for k, v in placement_group_table().items() if k not in before}
     assert len(new) == 1 and all(v["state"] == "REMOVED" for v in new.values()), new
     deadline = time.monotonic() + 30

@@ -480,7 +480,7 @@ def test_api_rejects_bad_kernels(case, needle):
 
 def _write_kernel(out: Path, tamper: str | None = None) -> None:
     """A small valid first-logit kernel output, written with the project's writers (no Ray)."""
-    from freeshap_ray.io import Layout, write_examples, write_kernel_manifest, write_kernel_tile
+    from freeshap_ray.io import KernelStore, Layout, write_examples, write_kernel_tile
 
     layout = Layout.of(out)
     rng = np.random.default_rng(1)
@@ -507,7 +507,7 @@ def _write_kernel(out: Path, tamper: str | None = None) -> None:
         name = f"tile-r000000-c{c0:06d}"
         write_kernel_tile(layout, "test_train", name, 0, c0, block)
         tiles["test_train"].append(name)
-    write_kernel_manifest(layout, {"kind": "first_logit", "n_train": 6, "n_test": 3, "n_classes": 2, "tiles": tiles})
+    KernelStore(layout).finish({"kind": "first_logit", "n_train": 6, "n_test": 3, "n_classes": 2, "tiles": tiles})
     if tamper == "missing tile":
         layout.kernel_tile("test_train", "tile-r000000-c000003").unlink()
     if tamper == "corrupt tile":

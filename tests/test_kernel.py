@@ -11,7 +11,8 @@ from freeshap_ray.io import Layout, load_kernel
 from freeshap_ray.kernel import kernel_tile
 from freeshap_ray.models import load_classifier, resolve_model_path, select_params
 
-from .helpers import TEMPLATES, TEXTS, Interrupt, interrupt_after, reference_jacobians, reference_kernel, rel_err
+from .helpers import (TEMPLATES, TEXTS, Interrupt, interrupt_after, reference_jacobians, reference_kernel, rel_err,
+                      run_kernel_job)
 
 ARCHS = ["llama", "bert", "bert-mlm"]
 
@@ -81,17 +82,17 @@ def test_last_k_selection(spec, expect_blocks):
 def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind, params, shards, method):
     """Blocks of 2 examples over 2 actors (2 parameter shards where asked): the assembled train×train and
     test×train kernels equal the explicit-Jacobian reference, with hook features and with torch.func."""
-    from freeshap_ray.distributed.kernel_job import compute_kernel
+    from freeshap_ray.distributed.kernel_job import KernelInputs
 
     cfg, model_dir, clf, names = _setup(arch, params=params)
     train, test = TEXTS[:5], TEXTS[5:8]
     layout = Layout.of(tmp_path / "out")
     kcfg = KernelConfig(kind=kind, block_size=2, num_actors=2, num_cpus_per_actor=0.5, param_shards=shards,
                         method=method, precision="mixed" if arch == "bert" else "float64")
-    result = compute_kernel(train, test, model_dir, cfg, kcfg, layout, param_names=names,
-                            param_sizes=param_sizes(clf, names), progress=False)
-    assert len(result.info["tiles"]["train_train"]) == 6 and len(result.info["tiles"]["test_train"]) == 6
-    assert len(result.info["param_shards"]) == shards and result.info["tiles_computed"] == 12
+    info = run_kernel_job(KernelInputs(train, test, model_dir, cfg, kcfg, names, param_sizes(clf, names)), layout,
+                          progress=False)
+    assert len(info["tiles"]["train_train"]) == 6 and len(info["tiles"]["test_train"]) == 6
+    assert len(info["param_shards"]) == shards and info["tiles_computed"] == 12
     kernel = load_kernel(layout.root)
     suffix = "" if kind == "first_logit" else "_full"
     rtr, rte = reference_jacobians(clf, train, names), reference_jacobians(clf, test, names)
@@ -106,34 +107,34 @@ def test_killed_actor_is_replaced_and_resume_skips_finished_tiles(ray_local, tmp
     it: the rerun recomputes no finished tile."""
     import ray
 
-    from freeshap_ray.distributed.kernel_job import compute_kernel
+    from freeshap_ray.distributed.kernel_job import KernelInputs
 
     cfg, model_dir, clf, names = _setup("llama", params="last:1")
     train, test = TEXTS[:6], TEXTS[6:8]
     kcfg = KernelConfig(block_size=2, num_actors=2, num_cpus_per_actor=0.5, param_shards=2, max_restarts=2)
-    args = (train, test, model_dir, cfg, kcfg)
-    kw = dict(param_names=names, param_sizes=param_sizes(clf, names), progress=False)
+    job = KernelInputs(train, test, model_dir, cfg, kcfg, names, param_sizes(clf, names))
+    kw = dict(progress=False)
 
     def kill_once(actors, written):
         if written == 1:
             ray.kill(actors[1], no_restart=False)
 
     ref_layout = Layout.of(tmp_path / "ref")
-    compute_kernel(*args, ref_layout, **kw)
+    run_kernel_job(job, ref_layout, **kw)
     ref = load_kernel(ref_layout.root)["train_train"]
     killed = Layout.of(tmp_path / "killed")
-    compute_kernel(*args, killed, on_tile=kill_once, **kw)
+    run_kernel_job(job, killed, on_tile=kill_once, **kw)
     np.testing.assert_allclose(load_kernel(killed.root)["train_train"], ref, rtol=1e-12)
 
     interrupt = interrupt_after(4)
 
     part = Layout.of(tmp_path / "part")
     with pytest.raises(Interrupt):
-        compute_kernel(*args, part, on_tile=interrupt, **kw)
+        run_kernel_job(job, part, on_tile=interrupt, **kw)
     assert not part.kernel_manifest.exists()
     finished = {p.name for p in part.kernel_dir.rglob("tile-*.parquet")}
     assert len(finished) == 4
-    result = compute_kernel(*args, part, resume=True, **kw)
-    assert result.info["tiles_skipped"] == 4 and result.info["tiles_computed"] == 6 + 3 - 4
+    info = run_kernel_job(job, part, resume=True, **kw)
+    assert info["tiles_skipped"] == 4 and info["tiles_computed"] == 6 + 3 - 4
     np.testing.assert_allclose(load_kernel(part.root)["train_train"], ref, rtol=1e-12)
     np.testing.assert_allclose(load_kernel(part.root)["test_train"], load_kernel(ref_layout.root)["test_train"], rtol=1e-12)

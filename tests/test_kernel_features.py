@@ -70,7 +70,7 @@ def test_shared_parameter_is_refused_and_auto_falls_back(tmp_path):
     with pytest.raises(HooksUnsupported, match="shared"):
         owning_modules(clf, select_params(clf, "all"))
 
-    worker = KernelWorker(resolve_model_path(cfg.path), cfg, "first_logit", method="auto")
+    worker = KernelWorker(resolve_model_path(cfg.path), cfg, KernelConfig(method="auto"))
     assert worker.method == "hooks"
     _share_a_weight(worker.clf)
     worker.names = select_params(worker.clf, "all")
@@ -81,8 +81,8 @@ def test_shared_parameter_is_refused_and_auto_falls_back(tmp_path):
 def test_worker_methods_agree_and_hooks_error_names_the_field(monkeypatch):
     cfg, _, _ = _clf("bert", "last:1")
     model_dir = resolve_model_path(cfg.path)
-    hooks = KernelWorker(model_dir, cfg, "full", method="hooks", precision="mixed")
-    func = KernelWorker(model_dir, cfg, "full", method="func")
+    hooks = KernelWorker(model_dir, cfg, KernelConfig(kind="full", method="hooks", precision="mixed"))
+    func = KernelWorker(model_dir, cfg, KernelConfig(kind="full", method="func"))
     assert (hooks.method, func.method) == ("hooks", "func")
     ka = hooks.tile(hooks.jacobian(TEXTS[:3]), hooks.jacobian(TEXTS[3:6]), 1 << 20)
     kb = func.tile(func.jacobian(TEXTS[:3]), func.jacobian(TEXTS[3:6]), 1 << 20)
@@ -94,8 +94,8 @@ def test_worker_methods_agree_and_hooks_error_names_the_field(monkeypatch):
 
     monkeypatch.setattr("freeshap_ray.kernel.worker.block_features", boom)
     with pytest.raises(ConfigError, match="kernel.method"):
-        KernelWorker(model_dir, cfg, "first_logit", method="hooks")
-    fallback = KernelWorker(model_dir, cfg, "first_logit", method="auto")
+        KernelWorker(model_dir, cfg, KernelConfig(method="hooks"))
+    fallback = KernelWorker(model_dir, cfg, KernelConfig(method="auto"))
     assert fallback.method == "func"
     assert isinstance(fallback.jacobian(TEXTS[:2]), np.ndarray)
 

@@ -12,8 +12,9 @@ def test_embedded_runtime_binds_loopback_and_shuts_down():
         """
         import os, ray
         os.environ.pop("RAY_ADDRESS", None)
+        from freeshap_ray.config import RayConfig
         from freeshap_ray.distributed import ray_runtime
-        with ray_runtime(num_cpus=1):
+        with ray_runtime(RayConfig(num_cpus=1)):
             assert ray.is_initialized()
             ips = {n["NodeManagerAddress"] for n in ray.nodes()}
             assert ips == {"127.0.0.1"}, ips

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from freeshap_ray.errors import KernelError
+from freeshap_ray.config import ShapleyConfig
+from freeshap_ray.errors import ConfigError, KernelError
 from freeshap_ray.utility import UTILITIES, IncrementalRegressor, RegressionProblem
 from freeshap_ray.utility._blas import HAVE_RAW_TRSM, trsm_lower_inplace
 from freeshap_ray.valuation import (
@@ -19,7 +20,7 @@ from freeshap_ray.valuation import (
     samples_from_marginals,
     sign_agreement,
 )
-from freeshap_ray.valuation.baselines import ResolveBaseline, SchurFloat32Baseline
+from freeshap_ray.valuation.reference_schemes import ResolveBaseline, SchurFloat32Baseline
 from freeshap_ray.values import ValuesResult
 
 from .helpers import EPS, solve_tol, utility_tol
@@ -168,8 +169,8 @@ def test_antithetic_permutations_and_pairing():
     sid, samples = samples_from_marginals(ids, marg, "antithetic")
     np.testing.assert_array_equal(sid, [0, 2])
     np.testing.assert_allclose(samples[:, 0], [(1 + 2) / 2, (3 + 0) / 2])
-    with pytest.raises(ValueError, match="sampler"):
-        sampler_permutation(3, 0, 0, "bogus")
+    with pytest.raises(ConfigError, match="^shapley.sampler"):  # validated once, by the settings' config
+        ShapleyConfig(sampler="bogus")
 
 
 @pytest.mark.parametrize("utility", ["accuracy", "neg_ce"])
@@ -216,8 +217,8 @@ def test_stderr_rule():
     few = ValuesResult.from_marginals(base + rng.normal(scale=0.01, size=(4, 4)))
     assert rule.check(few) is None  # below min_samples
     assert StoppingRule("none").check(calm) is None
-    with pytest.raises(ValueError, match="convergence"):
-        StoppingRule("bogus")
+    with pytest.raises(ConfigError, match="^shapley.convergence"):
+        ShapleyConfig(convergence="bogus")
 
 
 def test_rank_rule_needs_patience():

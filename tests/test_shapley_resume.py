@@ -10,11 +10,12 @@ import pytest
 
 import freeshap_ray
 from freeshap_ray.config import config_from_dict
-from freeshap_ray.distributed.shapley_job import run_resumable
 from freeshap_ray.errors import OutputError
-from freeshap_ray.io import Layout, MarginalsStore, write_examples, write_kernel_manifest, write_kernel_tile
+from freeshap_ray.io import KernelStore, Layout, MarginalsStore, write_examples, write_kernel_tile
 from freeshap_ray.utility import RegressionProblem
 from freeshap_ray.valuation import exact_shapley
+
+from .helpers import run_resumable
 
 
 class Interrupt(RuntimeError):
@@ -182,7 +183,7 @@ def write_fake_kernel_stage(out, n=9, m=7, seed=0):
     write_examples(layout, "test", [f"test {i}" for i in range(m)], yt, np.arange(m), names)
     write_kernel_tile(layout, "train_train", "tile-r00000-c00000", 0, 0, k * 1e4)
     write_kernel_tile(layout, "test_train", "tile-r00000-c00000", 0, 0, kt * 1e4)
-    write_kernel_manifest(layout, {"n_train": n, "n_test": m, "n_classes": 2, "kind": "first_logit",
+    KernelStore(layout).finish({"n_train": n, "n_test": m, "n_classes": 2, "kind": "first_logit",
                                    "tiles": {"train_train": ["tile-r00000-c00000"],
                                              "test_train": ["tile-r00000-c00000"]}})
     return layout

@@ -17,7 +17,8 @@ from freeshap_ray.grads import flat_jacobian, param_sizes
 from freeshap_ray.io import Layout, load_kernel
 from freeshap_ray.models import load_classifier, resolve_model_path, select_params
 
-from .helpers import TEMPLATES, TEXTS, Interrupt, interrupt_after, reference_jacobians, reference_kernel, job_args, rel_err, write_csv
+from .helpers import (TEMPLATES, TEXTS, Interrupt, interrupt_after, job_args, reference_jacobians, reference_kernel,
+                      rel_err, run_kernel_job, write_csv)
 
 pytest.importorskip("deepspeed")
 
@@ -122,24 +123,24 @@ def test_kernel_job_last1_full_interrupted_then_resumed_matches_reference(ray_lo
     resume; the kernel equals the explicit-Jacobian reference."""
     import ray
 
-    from freeshap_ray.distributed.kernel_job import compute_kernel
+    from freeshap_ray.distributed.kernel_job import KernelInputs
 
     cfg, model_dir, clf, names = _setup("last:1")
     train, test = TEXTS[:5], TEXTS[5:8]
     kcfg = KernelConfig(**ZERO3, kind="full")
-    kw = dict(param_names=names, param_sizes=param_sizes(clf, names), progress=False)
+    job = KernelInputs(train, test, model_dir, cfg, kcfg, names, param_sizes(clf, names))
     layout = Layout.of(tmp_path / "out")
 
     interrupt = interrupt_after(4)
 
     before = set(ray.util.placement_group_table())
     with pytest.raises(Interrupt):
-        compute_kernel(train, test, model_dir, cfg, kcfg, layout, on_tile=interrupt, **kw)
+        run_kernel_job(job, layout, on_tile=interrupt, progress=False)
     _remove_new_placement_groups(before)  # an interrupted job leaves its placement group to the caller
     assert not layout.kernel_manifest.exists()
-    result = compute_kernel(train, test, model_dir, cfg, kcfg, layout, resume=True, **kw)
-    assert result.info["backend"] == "deepspeed" and result.info["tiles_skipped"] == 4
-    assert result.info["tiles_computed"] == 12 - 4
+    info = run_kernel_job(job, layout, resume=True, progress=False)
+    assert info["backend"] == "deepspeed" and info["tiles_skipped"] == 4
+    assert info["tiles_computed"] == 12 - 4
     kernel = load_kernel(layout.root)
     rtr, rte = reference_jacobians(clf, train, names), reference_jacobians(clf, test, names)
     assert rel_err(kernel["train_train_full"], reference_kernel(rtr, rtr, "full")) <= 1e-5
@@ -151,7 +152,7 @@ def test_dead_rank_fails_the_job_cleanly(ray_local, tmp_path, monkeypatch):
     import ray
 
     from freeshap_ray.distributed import zero3_group
-    from freeshap_ray.distributed.kernel_job import compute_kernel
+    from freeshap_ray.distributed.kernel_job import KernelInputs
 
     cfg, model_dir, clf, names = _setup("last:1")
     made = {}
@@ -165,8 +166,8 @@ def test_dead_rank_fails_the_job_cleanly(ray_local, tmp_path, monkeypatch):
     monkeypatch.setattr(zero3_group, "make_zero3_actors", make_and_kill_rank1)
     layout = Layout.of(tmp_path / "out")
     with pytest.raises(zero3_group.Zero3GroupError, match="rerun the same command to resume"):
-        compute_kernel(TEXTS[:4], TEXTS[4:6], model_dir, cfg, KernelConfig(**ZERO3), layout, param_names=names,
-                       param_sizes=param_sizes(clf, names), progress=False)
+        run_kernel_job(KernelInputs(TEXTS[:4], TEXTS[4:6], model_dir, cfg, KernelConfig(**ZERO3), names,
+                                    param_sizes(clf, names)), layout, progress=False)
     assert not layout.kernel_manifest.exists()
     with pytest.raises(ray.exceptions.RayActorError):  # rank 0 was stopped too
         ray.get(made["actors"][0].local_numel.remote(), timeout=60)

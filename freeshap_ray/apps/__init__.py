@@ -8,7 +8,7 @@ baselines under one interface) and the HTML report.
 
 from __future__ import annotations
 
-from .baselines import BASELINES, KernelSurrogate, baseline_scores, random_scores, tracin_values
+from .kernel_baselines import BASELINES, KernelSurrogate, baseline_scores, random_scores, tracin_values
 from .cleaning import inject_noise, prepare_clean, run_clean, summary_lines, write_suspects
 from .curves import (
     CURVES,

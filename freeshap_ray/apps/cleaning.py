@@ -5,7 +5,7 @@ Given a finished run directory (train/test examples, kernel, ``values.parquet``)
 1. **Suspects** (``OUT/suspects.parquet``): training points ranked from most to least suspicious
    (ascending FreeShap value, or its per-class z-score with ``clean.per_class_normalise``), with the
    kernel surrogate's leave-one-out prediction of each point (the fit on all OTHER points, exact via
-   the inverse identity; see :mod:`freeshap_ray.apps.baselines`). The full-data fit nearly
+   the inverse identity; see :mod:`freeshap_ray.apps.kernel_baselines`). The full-data fit nearly
    interpolates its training labels (ridge 1e-6), so its own prediction of a training point would
    almost always repeat the given label; the LOO prediction is what the rest of the data says.
 2. **Baselines** (``OUT/clean/scores.parquet``): ``random``, exact ``loo``, ``influence``, ``tracin``,
@@ -25,7 +25,6 @@ held in memory: the ranking streams the examples from Parquet (no predictions, b
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -38,14 +37,14 @@ import pyarrow.parquet as pq
 
 from ..config import JobConfig, config_to_dict
 from ..errors import ConfigError, OutputError
-from ..io import Layout, load_kernel, write_json_atomic
+from ..io import Kernel, Layout, RunManifest, read_kernel, write_json_atomic
 from ..io.apps_store import SUSPECTS_SCHEMA, write_curves, write_detection, write_scores
 from ..io.atomic import atomic_path
 from ..utility import RegressionProblem
-from .baselines import KernelSurrogate, baseline_scores
+from .kernel_baselines import KernelSurrogate, baseline_scores
 from .curves import detection_curve, normalise_per_class, random_curves, rank_order, removal_curves
 
-__all__ = ["CleanResult", "inject_noise", "prepare_clean", "run_clean", "write_suspects"]
+__all__ = ["inject_noise", "prepare_clean", "run_clean", "write_suspects"]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ class CleanInputs:
     """Validated inputs of ``clean`` (nothing written yet)."""
 
     def __init__(self, cfg: JobConfig, values: np.ndarray, stderr: np.ndarray, labels: np.ndarray,
-                 label_names: tuple[str, ...], kernel: dict[str, Any] | None, y_test: np.ndarray | None,
+                 label_names: tuple[str, ...], kernel: Kernel | None, y_test: np.ndarray | None,
                  shapley_info: dict[str, Any]):
         self.cfg, self.values, self.stderr, self.labels = cfg, values, stderr, labels
         self.label_names, self.kernel, self.y_test, self.shapley_info = label_names, kernel, y_test, shapley_info
@@ -172,13 +171,9 @@ class CleanInputs:
         return int(self.values.size)
 
     def problem(self, labels: np.ndarray) -> RegressionProblem:
-        k = self.kernel
-        assert k is not None
-        full = k["kind"] != "first_logit"
-        return RegressionProblem.from_kernels(
-            k["train_train_full" if full else "train_train"], k["test_train_full" if full else "test_train"],
-            labels, self.y_test, n_classes=len(self.label_names), lam=self.cfg.shapley.lam,
-            kernel_divisor=self.cfg.shapley.kernel_divisor)
+        """The job's regression problem with these training labels (the kernel does not depend on labels)."""
+        sc = self.cfg.shapley
+        return self.kernel.problem(labels, self.y_test, lam=sc.lam, kernel_divisor=sc.kernel_divisor)
 
 
 def _read_vectors(path: Path, columns: list[str]) -> pa.Table:
@@ -199,13 +194,14 @@ def _check_against_manifest(cfg: JobConfig, layout: Layout) -> dict[str, Any]:
     """The Shapley stage info; ConfigError if the regression settings differ from those of the values."""
     if not layout.manifest.is_file():
         return {}
-    manifest = json.loads(layout.manifest.read_text())
-    used = manifest.get("config", {}).get("shapley", {})
+    manifest = RunManifest.read(layout.manifest)
+    used = manifest.config.get("shapley", {})
     for key in ("lam", "kernel_divisor", "utility"):
         if key in used and used[key] != getattr(cfg.shapley, key):
             raise ConfigError(f"shapley.{key}: {getattr(cfg.shapley, key)!r} differs from the {used[key]!r} the values in "
                               f"{layout.values} were computed with; use the run's config")
-    return manifest.get("stages", {}).get("shapley", {})
+    entry = manifest.stages.get("shapley")
+    return entry.to_dict() if entry is not None else {}
 
 
 def prepare_clean(cfg: JobConfig, *, overwrite: bool = False) -> CleanInputs:
@@ -248,36 +244,30 @@ def prepare_clean(cfg: JobConfig, *, overwrite: bool = False) -> CleanInputs:
         raise ConfigError(f"clean.noise_fraction: {cc.noise_fraction} of {n} training points flips none; use a larger fraction")
     kernel = y_test = None
     if cc.use_kernel:
-        kernel = load_kernel(layout.root)
-        info = kernel["manifest"]
-        if info["n_train"] != n:
-            raise OutputError(f"{layout.kernel_manifest}: kernel has {info['n_train']} training rows, {layout.values} has {n}")
-        if info["n_classes"] != len(names):
-            raise ConfigError(f"data.label_names: {len(names)} classes, the kernel in {layout.kernel_dir} has {info['n_classes']}")
+        kernel = read_kernel(layout.root)
+        if kernel.train_train.shape[0] != n:
+            raise OutputError(f"{layout.kernel_manifest}: kernel has {kernel.train_train.shape[0]} training rows, "
+                              f"{layout.values} has {n}")
+        if kernel.n_classes != len(names):
+            raise ConfigError(f"data.label_names: {len(names)} classes, the kernel in {layout.kernel_dir} has "
+                              f"{kernel.n_classes}")
         y_test = _read_vectors(layout.examples("test"), ["label"]).column("label").to_numpy().astype(np.int64)
     return CleanInputs(cfg, values, stderr, labels, names, kernel, y_test, shapley_info)
 
 
-class CleanResult(dict):
-    """The summary written to ``OUT/clean/summary.json`` (a dict)."""
-
-
 def _noisy_values(inp: CleanInputs, noisy: np.ndarray, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """FreeShap values on noisy labels with the job's Shapley settings, on the same kernel (engine on Ray)."""
-    from ..api import shapley
+    """FreeShap values on noisy labels with exactly the job's valuation settings (sampler, truncation, budgets,
+    stopping rule, seed, resources, placement; ``clean.noise_permutations`` replaces the permutation budget when
+    set), on the same kernel (the valuation engine on Ray, marginals kept in memory)."""
+    from ..distributed.shapley_job import run_valuation
+    from ..valuation.settings import ValuationSettings
+    from ..valuation.sinks import MemorySink
 
-    sc, k = inp.cfg.shapley, inp.kernel
-    full = k["kind"] != "first_logit"
-    res = shapley(
-        k["train_train_full" if full else "train_train"], k["test_train_full" if full else "test_train"], noisy, inp.y_test,
-        utility=sc.utility, n_permutations=inp.cfg.clean.noise_permutations or sc.n_permutations,
-        truncation_tol=sc.truncation_tol, truncation_patience=sc.truncation_patience, lam=sc.lam,
-        kernel_divisor=sc.kernel_divisor, seed=sc.seed, n_classes=len(inp.label_names),
-        permutations_per_task=sc.permutations_per_task, num_cpus_per_task=sc.num_cpus_per_task, sampler=sc.sampler,
-        progress=progress,
-    )
-    info = {k2: v for k2, v in res.info.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    return np.asarray(res.values, dtype=np.float64), np.asarray(res.stderr, dtype=np.float64), info
+    sc = inp.cfg.shapley
+    settings = ValuationSettings.of(sc, n_permutations=inp.cfg.clean.noise_permutations or sc.n_permutations)
+    run = run_valuation(inp.problem(noisy), settings, MemorySink(), progress=progress)
+    info = {k: v for k, v in run.info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return run.values.values, run.values.stderr, info
 
 
 def _all_scores(inp: CleanInputs, problem: RegressionProblem, values: np.ndarray, surrogate: KernelSurrogate,
@@ -289,7 +279,8 @@ def _all_scores(inp: CleanInputs, problem: RegressionProblem, values: np.ndarray
     return out
 
 
-def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True, inputs: CleanInputs | None = None) -> CleanResult:
+def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
+              inputs: CleanInputs | None = None) -> dict[str, Any]:
     """Run ``clean`` on the finished run under ``cfg.output`` (Ray must be initialised for the noise evaluation).
 
     Returns:
@@ -406,26 +397,24 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
     summary["seconds"] = timings
     summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(summary, layout.summary)
-    return CleanResult(summary)
+    return summary
 
 
 def _finetune_rows(inp: CleanInputs, values: np.ndarray) -> list[dict[str, Any]]:
     """FreeShap and random removal curves re-evaluated by real fine-tuning (Ray tasks)."""
+    from ..distributed.finetune_job import finetune_curves
     from ..models import resolve_model_path
-    from .baselines import random_scores
-    from .finetune import finetune_curves
+    from .finetune import FinetuneSettings, Labelled
+    from .kernel_baselines import random_scores
 
     cfg, cc = inp.cfg, inp.cfg.clean
-    train = pq.read_table(inp.layout.examples("train"), columns=["text", "label"])
-    test = pq.read_table(inp.layout.examples("test"), columns=["text", "label"])
+    train, test = (pq.read_table(inp.layout.examples(s), columns=["text", "label"]) for s in ("train", "test"))
     model_dir = resolve_model_path(cfg.model.path, cache_dir=cfg.model.cache_dir, seed=cfg.model.seed)
     return finetune_curves(
-        model_dir, cfg.model, train.column("text").to_pylist(), train.column("label").to_numpy(),
-        test.column("text").to_pylist(), test.column("label").to_numpy(),
+        model_dir, cfg.model, Labelled(train.column("text").to_pylist(), train.column("label").to_numpy()),
+        Labelled(test.column("text").to_pylist(), test.column("label").to_numpy()),
         {"freeshap": values, "random": random_scores(inp.n, cc.seed)}, cc.finetune_fractions,
-        epochs=cc.finetune_epochs, lr=cc.finetune_lr, batch_size=cc.finetune_batch_size, seed=cc.seed,
-        num_cpus=cc.finetune_num_cpus,
-    )
+        FinetuneSettings.of(cc), num_cpus=cc.finetune_num_cpus)
 
 
 def _curve_summary(rows: list[dict]) -> dict[str, Any]:

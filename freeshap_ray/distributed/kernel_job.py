@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +36,15 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
-from ..config import KernelConfig, ModelConfig, config_to_dict
-from ..errors import ConfigError, OutputError
-from ..io import Layout, write_json_atomic, write_kernel_manifest, write_kernel_tile
+from ..config import KernelConfig, ModelConfig
+from ..errors import ConfigError
+from ..io import KernelStore
 from ..kernel import Tile, blocks, tiles
+from ..kernel.plan import plan_signature
 from ..kernel.shards import partition_params
 from ..kernel.worker import KernelWorker
 
-__all__ = ["KernelJobResult", "compute_kernel", "plan_signature", "check_resumable", "actor_nodes"]
+__all__ = ["KernelInputs", "compute_kernel", "actor_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -88,46 +87,21 @@ def _release_on_error(fn):
     return wrapper
 
 
-@dataclass
-class KernelJobResult:
-    """What the kernel stage did (also written to ``kernel/manifest.json``)."""
+@dataclass(frozen=True)
+class KernelInputs:
+    """What a kernel job computes: the texts, the model and the selected parameters (model order)."""
 
-    info: dict = field(default_factory=dict)
+    train_texts: list[str]
+    test_texts: list[str]
+    model_dir: Path
+    model: ModelConfig
+    kernel: KernelConfig
+    param_names: list[str]
+    param_sizes: list[int]
 
-
-def plan_signature(train_texts, test_texts, model_cfg: ModelConfig, cfg: KernelConfig) -> str:
-    """Hash of everything that determines the tiles' contents and layout (not resources)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(config_to_dict(model_cfg), sort_keys=True).encode())
-    h.update(json.dumps({"kind": cfg.kind, "block_size": cfg.block_size}).encode())
-    for split in (train_texts, test_texts):
-        h.update(str(len(split)).encode())
-        for t in split:
-            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
-    return h.hexdigest()
-
-
-def check_resumable(layout: Layout, signature: str, overwrite: bool) -> bool:
-    """Whether tiles already under ``layout`` belong to this plan (resume) or must be discarded.
-
-    Raises:
-        OutputError: an unfinished kernel of a different plan is there and ``overwrite`` is off.
-    """
-    if not layout.kernel_plan.is_file():
-        return False
-    try:
-        old = json.loads(layout.kernel_plan.read_text()).get("signature")
-    except (OSError, ValueError, AttributeError) as err:
-        raise OutputError(f"output: {layout.kernel_plan} is unreadable ({err}); pass --overwrite to discard the "
-                          "unfinished kernel") from err
-    if old == signature:
-        return not overwrite
-    if not overwrite:
-        raise OutputError(
-            f"output: {layout.kernel_dir} holds an unfinished kernel of a different config/data; "
-            "pass --overwrite to discard it"
-        )
-    return False
+    @property
+    def signature(self) -> str:
+        return plan_signature(self.train_texts, self.test_texts, self.model, self.kernel)
 
 
 def _placement(cfg: KernelConfig):
@@ -176,77 +150,94 @@ def _make_actors(model_dir: Path, model_cfg: ModelConfig, cfg: KernelConfig, sha
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_restarts,
     )(KernelWorker)
-    threads = max(1, int(round(cfg.num_cpus_per_actor)))
-    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
     actors = []
     for a in range(cfg.num_actors):
         opts = {}
         if pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a)
-        actors.append(
-            actor_cls.options(**opts).remote(
-                str(model_dir), model_cfg, cfg.kind, param_names=shards[a % len(shards)], threads=threads, device=device,
-                method=cfg.method, precision=cfg.precision, feature_memory_gb=cfg.feature_memory_gb,
-                micro_batch_tokens=cfg.micro_batch_tokens,
-            )
-        )
+        actors.append(actor_cls.options(**opts).remote(str(model_dir), model_cfg, cfg, param_names=shards[a % len(shards)]))
     return actors
 
 
 @_release_on_error
-def compute_kernel(
-    train_texts: list[str],
-    test_texts: list[str],
-    model_dir: Path,
-    model_cfg: ModelConfig,
-    cfg: KernelConfig,
-    layout: Layout,
-    *,
-    param_names: list[str],
-    param_sizes: list[int],
-    resume: bool = False,
-    progress: bool = True,
-    on_tile: Callable[[list, int], None] | None = None,
-) -> KernelJobResult:
-    """Compute train×train and test×train eNTK tiles with Ray actors and write them under ``layout``.
+def compute_kernel(job: KernelInputs, store: KernelStore, *, resume: bool = False, progress: bool = True,
+                   on_tile: Callable[[list, int], None] | None = None) -> dict[str, Any]:
+    """Compute train×train and test×train eNTK tiles with Ray actors; each tile goes to ``store`` as it is reduced.
 
     Args:
-        param_names, param_sizes: the selected parameters (model order) and their sizes.
-        resume: keep tiles already written for this plan and compute only the others.
+        resume: keep tiles already in ``store`` for this plan and compute only the others.
         on_tile: called on the driver after each tile is written, with (actors, tiles written so far);
             tests use it to kill an actor mid-run.
 
-    The kernel manifest is written last, so a kernel directory without it is incomplete.
+    Returns:
+        The kernel's statistics (sizes, parameter count, tile list, timings, entries/s, actor nodes): what the
+        caller records in the kernel manifest once the kernel is complete.
     """
     t0 = time.perf_counter()
+    cfg = job.kernel
     zero3 = cfg.backend == "deepspeed"  # each ZeRO-3 rank is its own shard (its slice of every parameter)
     n_shards = cfg.num_actors if zero3 else cfg.param_shards
-    if n_shards > cfg.num_actors:
-        raise ConfigError(f"kernel.param_shards: {n_shards} shards need at least as many actors (kernel.num_actors)")
-    shards = [list(param_names)] * n_shards if zero3 else partition_params(param_names, param_sizes, n_shards)
-    train_blocks = blocks(len(train_texts), cfg.block_size)
-    test_blocks = blocks(len(test_texts), cfg.block_size)
-    plan = tiles(len(train_blocks), len(test_blocks))
-    signature = plan_signature(train_texts, test_texts, model_cfg, cfg)
-    if not resume:
-        for p in (layout.kernel_dir / "train_train", layout.kernel_dir / "test_train"):
-            for f in p.glob("*.parquet") if p.is_dir() else ():
-                f.unlink()
-    write_json_atomic({"signature": signature, "n_train": len(train_texts), "n_test": len(test_texts),
-                       "block_size": cfg.block_size, "kind": cfg.kind}, layout.kernel_plan)
-    todo = [t for t in plan if not layout.kernel_tile(t.matrix, t.name).is_file()]
-    skipped = len(plan) - len(todo)
+    shards = [list(job.param_names)] * n_shards if zero3 else partition_params(job.param_names, job.param_sizes,
+                                                                               n_shards)
+    bounds = {"train": blocks(len(job.train_texts), cfg.block_size), "test": blocks(len(job.test_texts), cfg.block_size)}
+    plan = tiles(len(bounds["train"]), len(bounds["test"]))
+    signature = job.signature
+    store.begin({"signature": signature, "n_train": len(job.train_texts), "n_test": len(job.test_texts),
+                 "block_size": cfg.block_size, "kind": cfg.kind}, resume=resume)
+    todo = [t for t in plan if not store.has_tile(t.matrix, t.name)]
+    pg = _placement(cfg) if todo else None
+    _own(pg)
+    actors = _make_actors(job.model_dir, job.model, cfg, shards, pg) if todo else []
+    _own(*actors)
+    t1 = time.perf_counter()
+    _reduce_tiles(job, store, actors, n_shards, bounds, todo, len(plan), progress=progress, on_tile=on_tile, pg=pg)
+    elapsed = time.perf_counter() - t1
+    nodes = actor_nodes(actors)
+    for a in actors:
+        ray.kill(a, no_restart=True)
+    if pg is not None:
+        remove_placement_group(pg)
+    c = len(job.model.label_words)
+    width = c * c if cfg.kind == "full" else 1
+    rows = {"train_train": "train", "test_train": "test"}
+    computed_entries = sum(_size(bounds[rows[t.matrix]][t.row]) * _size(bounds["train"][t.col]) * width for t in todo)
+    return {
+        "kind": cfg.kind,
+        "n_train": len(job.train_texts),
+        "n_test": len(job.test_texts),
+        "n_classes": c,
+        "n_params": int(sum(job.param_sizes)),
+        "param_shards": [len(s) for s in shards],
+        "block_size": cfg.block_size,
+        "num_actors": cfg.num_actors,
+        "placement": cfg.placement,
+        "backend": cfg.backend,
+        "actor_nodes": nodes,
+        "signature": signature,
+        "tiles": {
+            "train_train": [t.name for t in plan if t.matrix == "train_train"],
+            "test_train": [t.name for t in plan if t.matrix == "test_train"],
+        },
+        "tiles_computed": len(todo),
+        "tiles_skipped": len(plan) - len(todo),
+        "seconds": {"tiles": elapsed, "total": time.perf_counter() - t0},
+        "entries_per_second": computed_entries / max(elapsed, 1e-9),
+    }
+
+
+def _size(bound: tuple[int, int]) -> int:
+    return bound[1] - bound[0]
+
+
+def _reduce_tiles(job: KernelInputs, store: KernelStore, actors: list, n_shards: int, bounds: dict, todo: list[Tile],
+                  n_plan: int, *, progress: bool, on_tile, pg) -> None:
+    """Schedule each needed block's Jacobian once per shard and each tile's shard partials; sum and store tiles."""
+    cfg, texts = job.kernel, {"train": job.train_texts, "test": job.test_texts}
 
     def row_key(t: Tile) -> tuple[str, int]:
         return ("train" if t.matrix == "train_train" else "test", t.row)
 
-    pg = _placement(cfg) if todo else None
-    _own(pg)
-    actors = _make_actors(model_dir, model_cfg, cfg, shards, pg) if todo else []
-    _own(*actors)
     group = [[a for a in range(len(actors)) if a % n_shards == s] for s in range(n_shards)]
-    texts = {"train": train_texts, "test": test_texts}
-    bounds = {"train": train_blocks, "test": test_blocks}
     needed = sorted({row_key(t) for t in todo} | {("train", t.col) for t in todo})
     jac: dict[tuple[int, str, int], ray.ObjectRef] = {}
     owner: dict[tuple[int, str, int], int] = {}
@@ -264,12 +255,10 @@ def compute_kernel(
             uses[rk] += 1
             uses[ck] += 1
             pending[actors[owner[rk]].tile.remote(jac[rk], jac[ck], cfg.chunk_params)] = t
-
     partial: dict[Tile, tuple[np.ndarray, int]] = {}
     jac_waiting = {ref: key for key, ref in jac.items()}
     jac_bar = tqdm(total=len(jac_waiting), desc="jacobian blocks", unit="block", disable=not progress)
-    bar = tqdm(total=len(plan), initial=skipped, desc="kernel tiles", unit="tile", disable=not progress)
-    t1 = time.perf_counter()
+    bar = tqdm(total=n_plan, initial=n_plan - len(todo), desc="kernel tiles", unit="tile", disable=not progress)
     written = 0
     while pending:
         done, _ = ray.wait(list(pending) + list(jac_waiting), num_returns=1, fetch_local=False)
@@ -282,7 +271,7 @@ def compute_kernel(
         try:
             part = ray.get(done[0])
         except ray.exceptions.RayError as err:
-            if not zero3:
+            if cfg.backend != "deepspeed":
                 raise
             from .zero3_group import stop_group
 
@@ -293,8 +282,7 @@ def compute_kernel(
             partial[t] = (acc, count)
             continue
         partial.pop(t, None)
-        r0 = bounds[row_key(t)[0]][t.row][0]
-        write_kernel_tile(layout, t.matrix, t.name, r0, train_blocks[t.col][0], acc)
+        store.write_tile(t.matrix, t.name, bounds[row_key(t)[0]][t.row][0], bounds["train"][t.col][0], acc)
         written += 1
         for s in range(n_shards):
             for key in ((s, *row_key(t)), (s, "train", t.col)):
@@ -306,46 +294,3 @@ def compute_kernel(
             on_tile(actors, written)
     bar.close()
     jac_bar.close()
-    elapsed = time.perf_counter() - t1
-    nodes = actor_nodes(actors)
-    for a in actors:
-        ray.kill(a, no_restart=True)
-    if pg is not None:
-        remove_placement_group(pg)
-
-    n, m = len(train_texts), len(test_texts)
-    c = _n_classes(model_cfg)
-    width = c * c if cfg.kind == "full" else 1
-    computed_entries = sum(
-        (bounds[row_key(t)[0]][t.row][1] - bounds[row_key(t)[0]][t.row][0])
-        * (train_blocks[t.col][1] - train_blocks[t.col][0]) * width
-        for t in todo
-    )
-    info: dict[str, Any] = {
-        "kind": cfg.kind,
-        "n_train": n,
-        "n_test": m,
-        "n_classes": c,
-        "n_params": int(sum(param_sizes)),
-        "param_shards": [len(s) for s in shards],
-        "block_size": cfg.block_size,
-        "num_actors": cfg.num_actors,
-        "placement": cfg.placement,
-        "backend": cfg.backend,
-        "actor_nodes": nodes,
-        "signature": signature,
-        "tiles": {
-            "train_train": [t.name for t in plan if t.matrix == "train_train"],
-            "test_train": [t.name for t in plan if t.matrix == "test_train"],
-        },
-        "tiles_computed": len(todo),
-        "tiles_skipped": skipped,
-        "seconds": {"tiles": elapsed, "total": time.perf_counter() - t0},
-        "entries_per_second": computed_entries / max(elapsed, 1e-9),
-    }
-    write_kernel_manifest(layout, info)
-    return KernelJobResult(info=info)
-
-
-def _n_classes(model_cfg: ModelConfig) -> int:
-    return len(model_cfg.label_words)

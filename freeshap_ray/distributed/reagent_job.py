@@ -88,9 +88,10 @@ def run_reagent_job(cfg: ReagentJobConfig, *, overwrite: bool = False, progress:
         write_reagent_outputs,
     )
     from ..models import resolve_model_path
-    from ..pipeline import versions
+    from ..io import versions
     from ..reagent.html import heatmap_html
     from ..reagent.prompts import read_prompts
+    from ..reagent.results import assemble_results
 
     layout = ReagentLayout(cfg.output)
     existing = [p for p in layout.all() if p.exists()]
@@ -110,19 +111,16 @@ def run_reagent_job(cfg: ReagentJobConfig, *, overwrite: bool = False, progress:
         groups = [specs[i :: n_actors] for i in range(n_actors)]
         prepared = [pp for batch in ray.get([a.prepare.remote(g) for a, g in zip(actors, groups) if g]) for pp in batch]
         order = {s.prompt_id: k for k, s in enumerate(specs)}
-        prepared.sort(key=lambda pp: order[pp.prompt_id])
+        prepared.sort(key=lambda pp: order[pp.prompt_id])  # input order
         t_prep = time.perf_counter() - t0
 
         chunks = plan_chunks(prepared, f.targets_per_task)
         n_targets = sum(len(pp.target_positions) for pp in prepared)
-        attributions, metrics, stats = [], [], []
+        results = []
         bar = tqdm(total=n_targets, desc="reagent targets", unit="token", disable=not progress)
         t1 = time.perf_counter()
-        pool = ActorPool(actors)
-        for res in pool.map_unordered(lambda a, c: a.attribute.remote(c[0], c[1]), chunks):
-            attributions += res["attributions"]
-            metrics += res["metrics"]
-            stats.append(res["stats"])
+        for res in ActorPool(actors).map_unordered(lambda a, c: a.attribute.remote(c[0], c[1]), chunks):
+            results.append(res)
             bar.update(res["stats"]["targets"])
         bar.close()
         t_attr = time.perf_counter() - t1
@@ -130,42 +128,17 @@ def run_reagent_job(cfg: ReagentJobConfig, *, overwrite: bool = False, progress:
         for a in actors:
             ray.kill(a)
 
-    attributions.sort(key=lambda r: (r["method"] != "reagent", r["method"], order[r["prompt_id"]], r["target_pos"], r["source_pos"]))
-    metrics.sort(key=lambda r: (r["method"] != "reagent", r["method"], order[r["prompt_id"]], r["target_pos"]))
-    prompt_rows = [dict(prompt_id=pp.prompt_id, prompt=pp.text, target_text=None, n_prompt_tokens=pp.n_prompt,
-                        n_targets=len(pp.target_positions), generated=pp.generated) for pp in prepared]
-    pieces: dict[int, dict[int, str]] = {}
-    for r in attributions:  # target text = the decoded target tokens, in order
-        if r["method"] == "reagent" and r["source_pos"] == 0:
-            pieces.setdefault(r["prompt_id"], {})[r["target_pos"]] = r["target_token"]
-    for row in prompt_rows:
-        got = pieces.get(row["prompt_id"], {})
-        row["target_text"] = "".join(got[k] for k in sorted(got))
-    reagent_rows = [s for s in stats]
-    summary = {
-        "prompts": len(prepared),
-        "targets": n_targets,
-        "converged_targets": int(sum(s["converged"] for s in reagent_rows)),
-        "forward_rows": int(sum(s["forward_rows"] for s in reagent_rows)),
-        "forward_calls": int(sum(s["forward_calls"] for s in reagent_rows)),
-        "forward_tokens": int(sum(s.get("forward_tokens", 0) for s in reagent_rows)),
-        "packed_forward": bool(reagent_rows) and all(s.get("packed_forward", False) for s in reagent_rows),
-        "seconds": {"prepare": t_prep, "attribute": t_attr, "total": time.perf_counter() - t0},
-        "num_actors": n_actors,
-    }
-    if metrics:
-        import pandas as pd
-
-        df = pd.DataFrame(metrics)
-        means = {m: {"log_soft_ns": float(g.log_soft_ns.mean()), "log_soft_nc": float(g.log_soft_nc.mean())}
-                 for m, g in df.groupby("method")}
-        summary["metrics_mean"] = {m: means[m] for m in ["reagent", *cfg.evaluation.baselines] if m in means}
+    out = assemble_results(prepared, results, cfg.evaluation.baselines)
+    summary = {**out.summary, "seconds": {"prepare": t_prep, "attribute": t_attr, "total": time.perf_counter() - t0},
+               "num_actors": n_actors}
+    if "metrics_mean" in summary:  # keep the manifest's key order: counters, seconds, actors, metric means
+        summary["metrics_mean"] = summary.pop("metrics_mean")
     manifest = {"config": config_to_dict(cfg), "versions": versions(), "model_dir": str(model_dir), "summary": summary,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    table = attributions_table(attributions)
+    table = attributions_table(out.attributions)
     write_reagent_outputs(
-        Path(cfg.output), table, prompts_table(prompt_rows),
-        metrics=metrics_table(metrics) if cfg.evaluation.metrics else None,
+        Path(cfg.output), table, prompts_table(out.prompts),
+        metrics=metrics_table(out.metrics) if cfg.evaluation.metrics else None,
         html=heatmap_html(table, title="ReAGent token attributions"), manifest=manifest,
     )
     return summary

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import ray
 
+from ..config import RayConfig
+
 __all__ = ["ray_runtime", "ensure_ray", "init_local"]
 
 log = logging.getLogger(__name__)
@@ -57,24 +59,24 @@ def init_local(num_cpus: int | None = None, *, include_dashboard: bool = False, 
 
 
 @contextlib.contextmanager
-def ray_runtime(
-    address: str | None = None, *, num_cpus: int | None = None, include_dashboard: bool = False
-) -> Iterator[None]:
-    """Context in which Ray is initialised.
+def ray_runtime(cfg: RayConfig | None = None, address: str | None = None) -> Iterator[None]:
+    """Context in which Ray is initialised, as a job's ``ray`` section says.
 
-    If Ray is already initialised in this process it is used as is and left running. Otherwise, with
-    ``address`` (or ``RAY_ADDRESS``) the driver connects to that cluster (and disconnects at exit); without
-    one an embedded single-node Ray is started on 127.0.0.1 and shut down at exit.
+    If Ray is already initialised in this process it is used as is and left running. Otherwise, with an address
+    (``address``, else ``cfg.address``, else ``RAY_ADDRESS``) the driver connects to that cluster (and disconnects
+    at exit); without one an embedded single-node Ray with ``cfg.num_cpus`` CPUs is started on 127.0.0.1 (a
+    dashboard only with ``cfg.include_dashboard``) and shut down at exit.
     """
     if ray.is_initialized():
         yield
         return
-    addr = _resolve_address(address)
+    cfg = cfg or RayConfig()
+    addr = _resolve_address(address or cfg.address)
     if addr:
         log.info("connecting to Ray cluster at %s", addr)
         ray.init(address=addr)
     else:
-        init_local(num_cpus, include_dashboard=include_dashboard)
+        init_local(cfg.num_cpus, include_dashboard=cfg.include_dashboard)
     try:
         yield
     finally:

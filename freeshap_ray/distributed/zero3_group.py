@@ -25,7 +25,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config import KernelConfig, ModelConfig
-from ..kernel.zero3 import Zero3KernelWorker
+from ..kernel.zero3 import Rank, Zero3KernelWorker
 
 __all__ = ["Zero3GroupError", "make_zero3_actors", "stop_group"]
 
@@ -58,19 +58,15 @@ def make_zero3_actors(model_dir: Path, model_cfg: ModelConfig, cfg: KernelConfig
     actor_cls = ray.remote(
         num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor,
-        resources={k: v for k, v in getattr(cfg, "resources_per_actor", {}).items() if v} or None,
+        resources={k: v for k, v in cfg.resources_per_actor.items() if v} or None,
         max_restarts=0,  # a restarted rank cannot rejoin the process group
         max_task_retries=0,  # and retried calls could reorder collectives
     )(Zero3KernelWorker)
-    threads = max(1, int(round(cfg.num_cpus_per_actor)))
-    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
     actors = []
     for rank in range(cfg.num_actors):
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
         actors.append(actor_cls.options(scheduling_strategy=strategy).remote(
-            str(model_dir), model_cfg, cfg.kind, rank=rank, world_size=cfg.num_actors, master_addr=master_addr,
-            master_port=master_port, local_rank=0, threads=threads, device=device,
-        ))
+            str(model_dir), model_cfg, cfg, Rank(rank, cfg.num_actors, master_addr, master_port)))
     return actors
 
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .jacobian import flat_jacobian, param_sizes, selected_param_count
+from .jacobian import flat_jacobian, param_sizes
 
-__all__ = ["flat_jacobian", "param_sizes", "selected_param_count"]
+__all__ = ["flat_jacobian", "param_sizes"]

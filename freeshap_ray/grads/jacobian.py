@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from ..models.prompt import EncodedBatch, PromptClassifier
 
-__all__ = ["flat_jacobian", "param_sizes", "selected_param_count"]
+__all__ = ["flat_jacobian", "param_sizes"]
 
 KernelKind = Literal["first_logit", "full"]
 
@@ -18,11 +18,6 @@ def param_sizes(clf: PromptClassifier, names: list[str]) -> list[int]:
     """Number of scalars of each selected parameter tensor, in ``names`` order."""
     params = dict(clf.named_parameters())
     return [params[n].numel() for n in names]
-
-
-def selected_param_count(clf: PromptClassifier, names: list[str]) -> int:
-    """Number of scalar parameters P in the selection."""
-    return sum(param_sizes(clf, names))
 
 
 def flat_jacobian(

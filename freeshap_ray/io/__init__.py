@@ -4,21 +4,30 @@ from __future__ import annotations
 
 from .atomic import atomic_path, remove_path, write_json_atomic, write_parquet_atomic
 from .layout import Layout
+from .manifest import RunManifest, StageEntry, versions
 from .stores import (
+    Kernel,
+    KernelStore,
     MarginalsStore,
     load_kernel,
+    read_kernel,
     read_examples,
     read_values,
     write_examples,
-    write_kernel_manifest,
     write_kernel_tile,
-    write_marginals,
+    marginals_table,
     write_values,
 )
 
 __all__ = [
     "Layout",
+    "RunManifest",
+    "StageEntry",
+    "versions",
+    "Kernel",
+    "KernelStore",
     "MarginalsStore",
+    "read_kernel",
     "atomic_path",
     "load_kernel",
     "read_examples",
@@ -26,9 +35,8 @@ __all__ = [
     "remove_path",
     "write_examples",
     "write_json_atomic",
-    "write_kernel_manifest",
     "write_kernel_tile",
-    "write_marginals",
+    "marginals_table",
     "write_parquet_atomic",
     "write_values",
 ]

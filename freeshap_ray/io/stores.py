@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,15 @@ from ..errors import KernelError, OutputError
 from .atomic import remove_path, write_json_atomic, write_parquet_atomic
 from .layout import Layout
 from .remote import local_root
+from ..utility import RegressionProblem
+from ..valuation.sinks import Batch, StoredMarginals
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EXAMPLES_SCHEMA",
+    "Kernel",
+    "read_kernel",
     "KERNEL_TILE_SCHEMA",
     "MARGINALS_SCHEMA",
     "MarginalsStore",
@@ -26,9 +35,9 @@ __all__ = [
     "read_examples",
     "read_values",
     "write_examples",
-    "write_kernel_manifest",
+    "KernelStore",
     "write_kernel_tile",
-    "write_marginals",
+    "marginals_table",
     "write_values",
 ]
 
@@ -149,11 +158,6 @@ def write_kernel_tile(layout: Layout, matrix: str, name: str, row_start: int, co
     return write_parquet_atomic(table, layout.kernel_tile(matrix, name))
 
 
-def write_kernel_manifest(layout: Layout, info: dict[str, Any]) -> Path:
-    """Mark the kernel complete: written last, after every tile."""
-    return write_json_atomic({"schema_version": SCHEMA_VERSION, **info}, layout.kernel_manifest)
-
-
 def _fill(out: np.ndarray, path: Path, symmetric: bool) -> None:
     try:
         table = pq.read_table(path)
@@ -187,61 +191,218 @@ def _fill(out: np.ndarray, path: Path, symmetric: bool) -> None:
         out[cols, rows[0] : rows[-1] + 1] = mirrored
 
 
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """A finished kernel stage (what ``kernel/`` holds), assembled in memory.
+
+    Attributes:
+        train_train: ``(n, n)`` float64 for ``first_logit``, ``(n, n, C, C)`` for ``full``.
+        test_train: ``(m, n)`` or ``(m, n, C, C)``.
+        kind: ``first_logit`` or ``full``.
+        n_classes: C.
+        manifest: the kernel manifest (sizes, parameter count, tiles, timings, condition number).
+    """
+
+    train_train: np.ndarray
+    test_train: np.ndarray
+    kind: str
+    n_classes: int
+    manifest: dict[str, Any]
+
+    @property
+    def n_params(self) -> int:
+        return int(self.manifest.get("n_params", 0))
+
+    @property
+    def condition_number(self) -> float | None:
+        """Of the first-logit train×train kernel (recorded by the kernel stage)."""
+        return self.manifest.get("condition_number_first_logit")
+
+    @property
+    def first_logit_train(self) -> np.ndarray:
+        """``(n, n)``: the train×train kernel of the first label logit (for ``full``, its (0, 0) blocks)."""
+        return self.train_train if self.kind == "first_logit" else self.train_train[..., 0, 0]
+
+    def problem(self, y_train: np.ndarray, y_test: np.ndarray, *, lam: float, kernel_divisor: float) -> RegressionProblem:
+        """The kernel-regression problem of this kernel with these labels."""
+        return RegressionProblem.from_kernels(self.train_train, self.test_train, y_train, y_test,
+                                              n_classes=self.n_classes, lam=lam, kernel_divisor=kernel_divisor)
+
+    def as_mapping(self) -> dict[str, Any]:
+        """The mapping :func:`load_kernel` returns (``train_train``/``test_train``, or ``..._full``, + kind, manifest)."""
+        suffix = "" if self.kind == "first_logit" else "_full"
+        return {"kind": self.kind, "manifest": self.manifest, "train_train" + suffix: self.train_train,
+                "test_train" + suffix: self.test_train}
+
+
+class KernelStore:
+    """The kernel stage's files: ``plan.json``, the tiles (written as they are reduced), the manifest (last).
+
+    A kernel directory without its manifest is unfinished; its tiles belong to the plan in ``plan.json``.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def begin(self, plan: dict[str, Any], *, resume: bool) -> None:
+        """Record the plan the tiles belong to; without ``resume`` remove the tiles of an earlier plan first."""
+        if not resume:
+            for matrix in ("train_train", "test_train"):
+                d = self.layout.kernel_dir / matrix
+                for f in d.glob("*.parquet") if d.is_dir() else ():
+                    f.unlink()
+        write_json_atomic(plan, self.layout.kernel_plan)
+
+    def resumable(self, signature: str, overwrite: bool) -> bool:
+        """Whether the tiles already here belong to the plan ``signature`` (resume) or must be discarded.
+
+        Raises:
+            OutputError: an unfinished kernel of a different plan is there and ``overwrite`` is off.
+        """
+        plan = self.layout.kernel_plan
+        if not plan.is_file():
+            return False
+        try:
+            old = json.loads(plan.read_text()).get("signature")
+        except (OSError, ValueError, AttributeError) as err:
+            raise OutputError(f"output: {plan} is unreadable ({err}); pass --overwrite to discard the "
+                              "unfinished kernel") from err
+        if old == signature:
+            return not overwrite
+        if not overwrite:
+            raise OutputError(f"output: {self.layout.kernel_dir} holds an unfinished kernel of a different "
+                              "config/data; pass --overwrite to discard it")
+        return False
+
+    def finished_signature(self) -> str | None:
+        """The plan signature of a finished kernel here (None: no finished kernel).
+
+        Raises:
+            OutputError: the manifest is unreadable.
+        """
+        path = self.layout.kernel_manifest
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text()).get("signature")
+        except (OSError, ValueError, AttributeError) as err:
+            raise OutputError(f"output: {path} is unreadable ({err}); pass --overwrite to recompute the kernel") from err
+
+    def has_tile(self, matrix: str, name: str) -> bool:
+        return self.layout.kernel_tile(matrix, name).is_file()
+
+    def write_tile(self, matrix: str, name: str, row_start: int, col_start: int, tile: np.ndarray) -> Path:
+        return write_kernel_tile(self.layout, matrix, name, row_start, col_start, tile)
+
+    def assemble(self, info: dict[str, Any]) -> Kernel:
+        """The kernel whose tiles ``info`` lists (sizes, kind, classes, ``tiles``), every tile checked."""
+        n, m, c, kind = info["n_train"], info["n_test"], info["n_classes"], info["kind"]
+        tail = () if kind == "first_logit" else (c, c)
+        out = {}
+        for matrix, rows in (("train_train", n), ("test_train", m)):
+            arr = np.full((rows, n, *tail), np.nan)
+            for name in info["tiles"][matrix]:
+                _fill(arr, self.layout.kernel_tile(matrix, name), symmetric=matrix == "train_train")
+            if np.isnan(arr).any():
+                raise OutputError(f"{self.layout.kernel_dir / matrix}: tiles missing; recompute the kernel")
+            out[matrix] = arr
+        return Kernel(out["train_train"], out["test_train"], kind, int(c), info)
+
+    def finish(self, info: dict[str, Any]) -> Path:
+        """Mark the kernel complete: the manifest, written last, after every tile."""
+        return write_json_atomic({"schema_version": SCHEMA_VERSION, **info}, self.layout.kernel_manifest)
+
+    def read(self) -> Kernel:
+        """The finished kernel (errors name the manifest or tile file)."""
+        return self.assemble(self.manifest())
+
+    def manifest(self) -> dict[str, Any]:
+        """The finished kernel's manifest (an error naming it when missing, unreadable or incomplete)."""
+        path = self.layout.kernel_manifest
+        if not path.is_file():
+            raise OutputError(f"{path}: missing; the kernel stage has not finished in {self.layout.root}")
+        try:
+            info = json.loads(path.read_text())
+            info["n_train"], info["n_test"], info["n_classes"], info["kind"]  # noqa: B018 - presence check
+            info["tiles"]["train_train"], info["tiles"]["test_train"]  # noqa: B018
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise OutputError(f"{path}: unreadable or incomplete kernel manifest ({err!r}); "
+                              "recompute the kernel (--overwrite)") from err
+        return info
+
+
+def read_kernel(out_dir: str | Path) -> Kernel:
+    """Assemble the kernel a run wrote under ``out_dir`` (every tile checked; errors name the file)."""
+    return KernelStore(Layout.of(out_dir)).read()
+
+
 def load_kernel(out_dir: str | Path) -> dict[str, Any]:
-    """Assemble the kernel written by a run.
+    """Assemble the kernel written by a run, as a mapping (kept for existing users; :func:`read_kernel` returns
+    the typed :class:`Kernel`, the preferred call).
 
     Returns:
         ``{"train_train": (n, n), "test_train": (m, n)}`` float64 arrays for the first-logit kernel, or
         ``{"train_train_full": (n, n, C, C), "test_train_full": (m, n, C, C)}`` for the full kernel, plus
         ``"kind"`` and ``"manifest"``.
     """
-    layout = Layout.of(out_dir)
-    if not layout.kernel_manifest.is_file():
-        raise OutputError(f"{layout.kernel_manifest}: missing; the kernel stage has not finished in {out_dir}")
-    try:
-        info = json.loads(layout.kernel_manifest.read_text())
-        n, m, c, kind = info["n_train"], info["n_test"], info["n_classes"], info["kind"]
-        info["tiles"]["train_train"], info["tiles"]["test_train"]  # noqa: B018 - presence check
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise OutputError(f"{layout.kernel_manifest}: unreadable or incomplete kernel manifest ({err!r}); "
-                          "recompute the kernel (--overwrite)") from err
-    tail = () if kind == "first_logit" else (c, c)
-    suffix = "" if kind == "first_logit" else "_full"
-    result: dict[str, Any] = {"kind": kind, "manifest": info}
-    for matrix, rows in (("train_train", n), ("test_train", m)):
-        out = np.full((rows, n, *tail), np.nan)
-        for name in info["tiles"][matrix]:
-            _fill(out, layout.kernel_tile(matrix, name), symmetric=matrix == "train_train")
-        if np.isnan(out).any():
-            raise OutputError(f"{layout.kernel_dir / matrix}: tiles missing; recompute the kernel")
-        result[matrix + suffix] = out
-    return result
+    return read_kernel(out_dir).as_mapping()
 
 
 # --------------------------------------------------------------------------------------------------
 # Shapley
 
 
-def write_marginals(layout: Layout, part: int, records: list[dict[str, Any]]) -> Path:
-    """Write one chunk of per-permutation records (see ``MARGINALS_SCHEMA``)."""
-    table = pa.Table.from_pylist([{"sampler": "tmc", "marginals_per_test": None, **r} for r in records],
-                                 schema=MARGINALS_SCHEMA)
-    return write_parquet_atomic(table, layout.marginals_part(part))
+def _list_array(rows: list[np.ndarray], dtype) -> pa.Array:
+    """Arrow ``list<dtype>`` array from numpy rows without going through Python lists."""
+    lengths = np.array([r.size for r in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32 if lengths.sum() < 2**31 else np.int64)
+    values = np.concatenate([np.asarray(r, dtype=dtype).ravel() for r in rows]) if rows else np.zeros(0, dtype)
+    if offsets.dtype == np.int64:
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(
+            pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def marginals_table(batch: Batch, seed: int, sampler: str, per_test_point: bool) -> pa.Table:
+    """One batch as a ``MARGINALS_SCHEMA`` table (per-test marginals only for the first ``truncated_at`` positions)."""
+    perms = [r.permutation for _, r in batch]
+    means = [(r.marginals.mean(axis=1) if r.marginals.ndim == 2 else r.marginals)[r.permutation] for _, r in batch]
+    cols = {
+        "perm_id": pa.array([int(pid) for pid, _ in batch], pa.int64()),
+        "seed": pa.array([int(seed)] * len(batch), pa.int64()),
+        "sampler": pa.array([sampler] * len(batch), pa.string()),
+        "order": _list_array(perms, np.int64),
+        "marginals": _list_array(means, np.float64),
+        "truncated_at": pa.array([int(r.truncated_at) for _, r in batch], pa.int64()),
+        "v_full": pa.array([float(r.v_full) for _, r in batch], pa.float64()),
+    }
+    if per_test_point:
+        cols["marginals_per_test"] = _list_array(
+            [r.marginals[r.permutation[: r.truncated_at]] for _, r in batch], np.float64)
+    else:
+        cols["marginals_per_test"] = pa.nulls(len(batch), pa.list_(pa.float64()))
+    return pa.table(cols, schema=MARGINALS_SCHEMA)
+
+
+def _flat(column: pa.ChunkedArray, dtype) -> np.ndarray:
+    return np.asarray(column.combine_chunks().flatten().to_numpy(), dtype=dtype)
 
 
 class MarginalsStore:
-    """A resumable stream of per-permutation marginals: ``DIR/run.json`` + ``DIR/marginals/part-NNNNN.parquet``.
+    """A resumable stream of per-permutation marginals on disk: ``DIR/run.json`` + ``DIR/marginals/part-NNNNN.parquet``.
 
-    Each part holds whole permutations (whole antithetic pairs) and is written atomically, so a killed
-    driver leaves only complete parts (temp files start with ``.`` and are ignored). ``run.json``
-    records what the marginals are marginals OF (problem digest, utility, sampler, truncation, ...);
-    a run whose settings differ must not reuse them.
+    A :class:`~freeshap_ray.valuation.sinks.MarginalsSink`. Each part holds whole permutations (whole antithetic
+    pairs) and is written atomically, so a killed driver leaves only complete parts (temp files start with ``.``
+    and are ignored). ``run.json`` records what the marginals are marginals OF (problem digest, utility, sampler,
+    truncation, ...); a run whose settings differ must not reuse them: :meth:`open` refuses it, or discards the
+    stored marginals when the store was made with ``discard_mismatched`` (``--overwrite``).
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, discard_mismatched: bool = False) -> None:
         self.dir = local_root(directory)  # a URI works in its staging copy (io.remote)
         self.parts_dir = self.dir / "marginals"
         self.run_file = self.dir / "run.json"
+        self.discard_mismatched = discard_mismatched
 
     def parts(self) -> list[Path]:
         """Complete part files in index order."""
@@ -258,17 +419,38 @@ class MarginalsStore:
             return None
         return json.loads(self.run_file.read_text())
 
-    def write_run(self, info: dict[str, Any]) -> None:
-        write_json_atomic(info, self.run_file)
-
     def clear(self) -> None:
         """Remove the run file and every part (a fresh start; under an output URI too)."""
         remove_path(self.parts_dir)
         remove_path(self.run_file)
 
-    def write_part(self, records: list[dict[str, Any]] | pa.Table) -> Path:
-        """Write ``records`` (``MARGINALS_SCHEMA`` rows, or a table of that schema) as the next part."""
-        table = records if isinstance(records, pa.Table) else pa.Table.from_pylist(records, schema=MARGINALS_SCHEMA)
+    def open(self, key: dict[str, Any], *, resume: bool) -> None:
+        """Start or resume the run of ``key``; stored marginals of another key are refused (or discarded)."""
+        key = {"marginals_schema": MARGINALS_SCHEMA_VERSION, **key}
+        if not resume:
+            self.clear()
+        stored = self.read_run()
+        if stored is None and self.parts():
+            if not self.discard_mismatched:
+                raise OutputError(f"{self.parts_dir}: marginals without {self.run_file.name} (an older or foreign "
+                                  "run) cannot be checked; pass --overwrite (or set shapley.resume=false) to discard them")
+            self.clear()
+        if stored is not None and stored != key:
+            if self.parts() and not self.discard_mismatched:
+                diff = [k for k in [*key, *stored] if stored.get(k) != key.get(k)][0]
+                raise OutputError(
+                    f"{self.run_file}: the stored marginals were computed with {diff}={stored.get(diff)!r}, this "
+                    f"run has {diff}={key.get(diff)!r}; pass --overwrite (or set shapley.resume=false) to discard them")
+            log.warning("%s: discarding stored marginals made with different settings", self.dir)
+            self.clear()
+        write_json_atomic(key, self.run_file)
+
+    def write(self, batch: Batch, seed: int, sampler: str, per_test_point: bool) -> None:
+        """Write one batch as the next part."""
+        self.write_part(marginals_table(batch, seed, sampler, per_test_point))
+
+    def write_part(self, table: pa.Table) -> Path:
+        """Write a ``MARGINALS_SCHEMA`` table as the next part."""
         return write_parquet_atomic(table, self.parts_dir / f"part-{self.next_part_index():05d}.parquet")
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
@@ -287,11 +469,36 @@ class MarginalsStore:
             tables.append(t.select(cols).cast(pa.schema([MARGINALS_SCHEMA.field(c) for c in cols])))
         return pa.concat_tables(tables)
 
-    def iter_parts(self, columns: list[str] | None = None):
-        """Yield each part's table (for streaming reads of large per-test marginals)."""
-        cols = columns or MARGINALS_SCHEMA.names
-        for p in self.parts():
-            yield pq.read_table(p, columns=cols)
+    def marginals(self, n: int) -> StoredMarginals:
+        """Every stored permutation (rows in part order)."""
+        t = self.read(["perm_id", "seed", "order", "marginals", "truncated_at"])
+        if not t.num_rows:
+            return StoredMarginals.empty(n)
+        p = t.num_rows
+        return StoredMarginals(
+            seeds=t.column("seed").to_numpy().astype(np.int64),
+            perm_ids=t.column("perm_id").to_numpy().astype(np.int64),
+            orders=_flat(t.column("order"), np.int64).reshape(p, n),
+            marginals=_flat(t.column("marginals"), np.float64).reshape(p, n),
+            truncated_at=t.column("truncated_at").to_numpy().astype(np.int64),
+        )
+
+    def per_test_parts(self, n: int, m: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per-test marginals part by part (a part's rows scattered to ``(b, n, m)`` by point index)."""
+        for path in self.parts():
+            part = pq.read_table(path, columns=["perm_id", "seed", "order", "truncated_at", "marginals_per_test"])
+            ids = part.column("perm_id").to_numpy().astype(np.int64)
+            seeds = part.column("seed").to_numpy().astype(np.int64)
+            orders = _flat(part.column("order"), np.int64).reshape(len(ids), n)
+            trunc = part.column("truncated_at").to_numpy()
+            cells = part.column("marginals_per_test").combine_chunks()
+            out = np.zeros((len(ids), n, m))
+            for r in range(len(ids)):
+                if not cells[r].is_valid:
+                    raise OutputError(f"{path}: permutation {int(ids[r])} has no per-test marginals")
+                t = int(trunc[r])
+                out[r, orders[r, :t]] = np.asarray(cells[r].values.to_numpy(zero_copy_only=False)).reshape(t, m)
+            yield seeds, ids, out
 
 
 def write_values(

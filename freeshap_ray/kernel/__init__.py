@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .ntk import condition_number, kernel_tile
-from .plan import Tile, blocks, tiles
+from .plan import Tile, blocks, plan_signature, tiles
 
-__all__ = ["Tile", "blocks", "condition_number", "kernel_tile", "tiles"]
+__all__ = ["Tile", "blocks", "condition_number", "kernel_tile", "plan_signature", "tiles"]

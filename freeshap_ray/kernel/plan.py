@@ -1,10 +1,14 @@
-"""Split examples into blocks and kernel matrices into tiles."""
+"""Split examples into blocks and kernel matrices into tiles; the signature of a plan (what tiles belong to)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
-__all__ = ["Tile", "blocks", "tiles"]
+from ..config import KernelConfig, ModelConfig, config_to_dict
+
+__all__ = ["Tile", "blocks", "plan_signature", "tiles"]
 
 
 @dataclass(frozen=True)
@@ -30,3 +34,15 @@ def tiles(n_train_blocks: int, n_test_blocks: int) -> list[Tile]:
     out = [Tile("train_train", i, j) for i in range(n_train_blocks) for j in range(i + 1)]
     out += [Tile("test_train", i, j) for i in range(n_test_blocks) for j in range(n_train_blocks)]
     return out
+
+
+def plan_signature(train_texts, test_texts, model_cfg: ModelConfig, cfg: KernelConfig) -> str:
+    """Hash of everything that determines the tiles' contents and layout (not resources)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config_to_dict(model_cfg), sort_keys=True).encode())
+    h.update(json.dumps({"kind": cfg.kind, "block_size": cfg.block_size}).encode())
+    for split in (train_texts, test_texts):
+        h.update(str(len(split)).encode())
+        for t in split:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()

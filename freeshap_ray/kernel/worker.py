@@ -14,7 +14,7 @@ import torch
 
 import logging
 
-from ..config import ModelConfig
+from ..config import KernelConfig, ModelConfig
 from ..errors import ConfigError
 from ..grads import flat_jacobian
 from ..grads.features import FeatureBlock
@@ -34,38 +34,23 @@ class KernelWorker:
     Args:
         model_dir: resolved local model directory.
         model_cfg: template, label words, parameter selection.
+        cfg: the kernel settings: ``kind``, ``method`` (hooks / func / auto: hooks when the model allows),
+            ``precision`` of tile GEMMs, ``feature_memory_gb`` and ``micro_batch_tokens`` (hooks), and the
+            resources (torch threads = ``num_cpus_per_actor``; CUDA when ``num_gpus_per_actor > 0``).
         param_names: the shard of the selection this worker differentiates (default: all of it).
-        kind: ``first_logit`` or ``full``.
-        threads: torch intra-op threads (match the CPUs reserved for this worker).
-        device: ``cpu`` or ``cuda``.
-        method: ``hooks``, ``func`` or ``auto`` (hooks when the model allows; see ``KernelConfig``).
-        precision: ``float64`` or ``mixed`` tile GEMMs.
-        feature_memory_gb: materialised Linear gradients allowed per block (hooks).
-        micro_batch_tokens: padded tokens per batched forward+backward (hooks).
     """
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        model_cfg: ModelConfig,
-        kind: str,
-        *,
-        param_names: list[str] | None = None,
-        threads: int = 1,
-        device: str = "cpu",
-        method: str = "auto",
-        precision: str = "float64",
-        feature_memory_gb: float = 2.0,
-        micro_batch_tokens: int = 2048,
-    ):
-        torch.set_num_threads(max(1, threads))
-        self.kind = kind
-        self.precision = precision
-        self.budget = int(feature_memory_gb * (1 << 30))
-        self.micro_batch_tokens = micro_batch_tokens
+    def __init__(self, model_dir: str | Path, model_cfg: ModelConfig, cfg: KernelConfig, *,
+                 param_names: list[str] | None = None):
+        torch.set_num_threads(cfg.threads)
+        self.kind = cfg.kind
+        self.precision = cfg.precision
+        self.budget = int(cfg.feature_memory_gb * (1 << 30))
+        self.micro_batch_tokens = cfg.micro_batch_tokens
+        self.device = cfg.device
         # Fused attention for batched passes; torch.func needs eager attention (no vmap rule for SDPA).
-        attn = "eager" if method == "func" else "sdpa"
-        self.clf = load_classifier(model_dir, model_cfg, attn_implementation=attn).to(device)
+        attn = "eager" if cfg.method == "func" else "sdpa"
+        self.clf = load_classifier(model_dir, model_cfg, attn_implementation=attn).to(self.device)
         selected = select_params(self.clf, model_cfg.params)
         if param_names is not None:
             unknown = set(param_names) - set(selected)
@@ -73,8 +58,7 @@ class KernelWorker:
                 raise ValueError(f"parameter shard names outside the selection: {sorted(unknown)[:3]}")
             selected = list(param_names)
         self.names = selected
-        self.device = device
-        self.method = "func" if method == "func" else self._try_hooks(method, model_dir, model_cfg)
+        self.method = "func" if cfg.method == "func" else self._try_hooks(cfg.method, model_dir, model_cfg)
 
     def _try_hooks(self, method: str, model_dir, model_cfg: ModelConfig) -> str:
         """``hooks`` if a dry run on one short text works, else ``func`` (``auto``) or an error (``hooks``)."""

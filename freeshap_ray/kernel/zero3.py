@@ -25,15 +25,16 @@ import contextlib
 import datetime
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import KernelConfig, ModelConfig
 from .ntk import kernel_tile
 
-__all__ = ["Zero3KernelWorker", "zero3_config"]
+__all__ = ["Rank", "Zero3KernelWorker", "zero3_config"]
 
 
 def zero3_config() -> dict:
@@ -56,38 +57,36 @@ def zero3_config() -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Rank:
+    """This rank's place in the group: ``RANK`` / ``WORLD_SIZE``, the rendezvous (rank 0's node and a free port
+    there) and ``LOCAL_RANK``, the device index (0 when the scheduler shows each rank only its own GPU, as Ray
+    does)."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    local_rank: int = 0
+
+
 class Zero3KernelWorker:
     """One rank of a ZeRO-3 group; same interface as :class:`~freeshap_ray.kernel.worker.KernelWorker`.
 
     Args:
         model_dir: resolved local model directory.
         model_cfg: template, label words, parameter selection (the kernel is over these parameters).
-        kind: ``first_logit`` or ``full``.
-        rank, world_size: this rank and the group size (torch.distributed ``RANK`` / ``WORLD_SIZE``).
-        master_addr, master_port: rendezvous of the group (rank 0's node and a free port there).
-        local_rank: ``LOCAL_RANK``: the device index this rank uses (0 when the scheduler shows each rank
-            only its own GPU, as Ray does).
-        threads: torch intra-op threads.
-        device: ``cpu`` (gloo) or ``cuda`` (nccl).
+        cfg: the kernel settings (``kind``; torch threads = ``num_cpus_per_actor``; nccl on CUDA when
+            ``num_gpus_per_actor > 0``, else gloo on CPU).
+        rank: this rank's place in the group.
         timeout_s: timeout of the group's collectives (and of the rendezvous).
     """
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        model_cfg: ModelConfig,
-        kind: str,
-        *,
-        rank: int,
-        world_size: int,
-        master_addr: str,
-        master_port: int,
-        local_rank: int = 0,
-        threads: int = 1,
-        device: str = "cpu",
-        timeout_s: float = 1800.0,
-    ):
-        torch.set_num_threads(max(1, threads))
+    def __init__(self, model_dir: str | Path, model_cfg: ModelConfig, cfg: KernelConfig, rank: Rank,
+                 timeout_s: float = 1800.0):
+        torch.set_num_threads(cfg.threads)
+        device, kind, local_rank = cfg.device, cfg.kind, rank.local_rank
+        rank, world_size, master_addr, master_port = rank.rank, rank.world_size, rank.master_addr, rank.master_port
         if not str(device).startswith("cuda"):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no GPU probing (and no warning about it)
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)

@@ -2,14 +2,14 @@
 
 Modules: :mod:`.algorithm` (probes, masks, updates, stop rule, speculative batched steps),
 :mod:`.samplers` (uniform / POS / masked-LM replacement), :mod:`.metrics` (Soft-NS / Soft-NC),
-:mod:`.baselines` (input×gradient, integrated gradients, attention, random), :mod:`.html` (heat map).
+:mod:`.gradient_baselines` (input×gradient, integrated gradients, attention, random), :mod:`.html` (heat map).
 """
 
 from __future__ import annotations
 
 from .algorithm import ReagentEngine, Target, TargetResult
 from .api import ReagentResult, reagent_attribute
-from .baselines import BASELINES, baseline_scores
+from .gradient_baselines import BASELINES, baseline_scores
 from .html import heatmap_html
 from .lm import TargetLM, special_token_ids
 from .metrics import soft_faithfulness

@@ -13,7 +13,7 @@ import torch
 from ..config import ReagentConfig, ReagentEvalConfig
 from ..errors import ConfigError
 from .algorithm import ReagentEngine, Target, TargetResult
-from .baselines import baseline_scores
+from .gradient_baselines import baseline_scores
 from .lm import TargetLM, special_token_ids
 from .metrics import soft_faithfulness
 from .samplers import Sampler, build_sampler

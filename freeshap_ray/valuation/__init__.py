@@ -9,7 +9,6 @@ from .convergence import CRITERIA, StoppingRule
 from .exact import MAX_EXACT_N, exact_shapley, subset_utilities
 from .samplers import (
     SAMPLERS,
-    check_sampler,
     effective_tolerance,
     permutations_per_sample,
     sampler_permutation,
@@ -38,7 +37,6 @@ __all__ = [
     "MAX_EXACT_N",
     "DEFAULT_BLOCK_SIZE",
     "SAMPLERS",
-    "check_sampler",
     "effective_tolerance",
     "permutations_per_sample",
     "sampler_permutation",

@@ -25,7 +25,8 @@ CRITERIA = ("none", "stderr", "rank")
 
 @dataclass
 class StoppingRule:
-    """A convergence criterion with the state it needs between checks.
+    """A convergence criterion with the state it needs between checks (its settings are validated by the
+    ``shapley`` config section it is built from: :meth:`ValuationSettings.stopping_rule`).
 
     Attributes:
         criterion: ``none``, ``stderr`` or ``rank``.
@@ -43,18 +44,6 @@ class StoppingRule:
     _last: tuple | None = field(default=None, init=False, repr=False)
     _streak: int = field(default=0, init=False, repr=False)
     last_metric: float = field(default=float("nan"), init=False)
-
-    def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"convergence: must be one of {list(CRITERIA)}, got {self.criterion!r}")
-        if not (np.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"convergence_tol: must be a finite number > 0, got {self.tol!r}")
-        if self.top_k < 1:
-            raise ValueError(f"convergence_top_k: must be >= 1, got {self.top_k}")
-        if self.patience < 1:
-            raise ValueError(f"convergence_patience: must be >= 1, got {self.patience}")
-        if self.min_samples < 2:
-            raise ValueError(f"min_samples: must be >= 2, got {self.min_samples}")
 
     def check(self, values: ValuesResult) -> str | None:
         """Update with the current estimates; return a reason string once converged, else None."""

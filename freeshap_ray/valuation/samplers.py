@@ -14,32 +14,26 @@ import numpy as np
 
 from .tmc import permutation_for
 
-__all__ = ["SAMPLERS", "check_sampler", "sampler_permutation", "effective_tolerance", "permutations_per_sample",
+__all__ = ["SAMPLERS", "sampler_permutation", "effective_tolerance", "permutations_per_sample",
            "samples_from_marginals"]
 
+#: The names ``shapley.sampler`` accepts (checked by the config; functions here trust their input).
 SAMPLERS = ("tmc", "permutation", "antithetic")
-
-
-def check_sampler(sampler: str) -> str:
-    """Return ``sampler`` or raise ValueError naming the field."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: must be one of {list(SAMPLERS)}, got {sampler!r}")
-    return sampler
 
 
 def permutations_per_sample(sampler: str) -> int:
     """2 for ``antithetic`` (a pair is one sample), else 1."""
-    return 2 if check_sampler(sampler) == "antithetic" else 1
+    return 2 if sampler == "antithetic" else 1
 
 
 def effective_tolerance(sampler: str, truncation_tol: float) -> float:
     """The truncation tolerance a sampler uses: 0 for ``permutation``, else ``truncation_tol``."""
-    return 0.0 if check_sampler(sampler) == "permutation" else float(truncation_tol)
+    return 0.0 if sampler == "permutation" else float(truncation_tol)
 
 
 def sampler_permutation(n: int, seed: int, perm_id: int, sampler: str = "tmc") -> np.ndarray:
     """The ``(n,)`` int64 permutation that ``perm_id`` stands for under ``sampler``."""
-    if check_sampler(sampler) == "antithetic":
+    if sampler == "antithetic":
         if perm_id < 0:
             raise ValueError(f"perm_id: must be >= 0, got {perm_id}")
         base = permutation_for(n, seed, perm_id // 2)
