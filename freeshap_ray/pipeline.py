@@ -27,6 +27,7 @@ from .io import (
     load_kernel,
     read_examples,
     remove_path,
+    write_duplicates,
     write_examples,
     write_json_atomic,
     write_kernel_manifest,
@@ -156,13 +157,16 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     cfg, splits, layout = stage.cfg, stage.splits, stage.layout
     if stage.finished:
         return {**json.loads(layout.kernel_manifest.read_text()), "reused": True}
-    stale = [layout.kernel_manifest, layout.marginals_dir.parent, layout.values, layout.values_per_test]
+    stale = [layout.kernel_manifest, layout.marginals_dir.parent, layout.values, layout.values_per_test,
+             layout.duplicates]
     if not stage.resume:
         stale.append(layout.kernel_dir)
     for sub in stale:
         remove_path(sub)  # also under an output URI
     for split, ex in (("train", splits.train), ("test", splits.test)):
         write_examples(layout, split, ex.texts, ex.labels, ex.ids, splits.label_names)
+    if splits.duplicates is not None:
+        write_duplicates(layout, splits.duplicates, splits.label_names)
     result = compute_kernel(
         list(splits.train.texts), list(splits.test.texts), stage.model_dir, cfg.model, cfg.kernel, layout,
         param_names=stage.param_names, param_sizes=stage.param_sizes, resume=stage.resume,
@@ -174,7 +178,10 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     info["condition_number_first_logit"] = condition_number(k)
     info["diag_mean"] = float(np.diagonal(k).mean())
     write_kernel_manifest(layout, info)
-    _update_manifest(layout, cfg, "kernel", {**info, "data": stage.splits.source, "model_dir": str(stage.model_dir)})
+    data_info = {"data": splits.source, "model_dir": str(stage.model_dir)}
+    if splits.duplicates is not None:
+        data_info["duplicates"] = splits.duplicates.counts()
+    _update_manifest(layout, cfg, "kernel", {**info, **data_info})
     return info
 
 
