@@ -104,6 +104,9 @@ class DataConfig:
     Without ``test`` a seeded ``test_fraction`` of ``train`` is held out.
     ``encoding``: text encoding of CSV/TSV/JSONL files (default strict UTF-8). ``id_column``: a column of
     unique integer ids written as ``id`` (default: the row number in the source).
+    ``dedupe``: ``none`` keeps repeated texts; ``exact`` / ``normalized`` (case-, whitespace- and
+    URL-insensitive) drop training texts that repeat an earlier one and test texts that occur in the
+    training data, before the split and subsampling (see :mod:`freeshap_ray.data.splits`).
     """
 
     train: str | None = None
@@ -118,8 +121,11 @@ class DataConfig:
     min_confidence: float | None = None
     encoding: str | None = None
     id_column: str | None = None
+    dedupe: Literal["none", "exact", "normalized"] = "none"
 
     def __post_init__(self) -> None:
+        if self.dedupe not in ("none", "exact", "normalized"):
+            raise ConfigError(f"data.dedupe: must be one of ['none', 'exact', 'normalized'], got {self.dedupe!r}")
         if self.encoding is not None:
             import codecs
 

@@ -26,6 +26,7 @@ from .io import (
     read_examples,
     read_kernel,
     remove_path,
+    write_duplicates,
     write_examples,
     write_values,
 )
@@ -128,13 +129,16 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     cfg, splits, layout = stage.cfg, stage.splits, stage.layout
     if stage.finished:
         return {**KernelStore(layout).manifest(), "reused": True}
-    stale = [layout.kernel_manifest, layout.marginals_dir.parent, layout.values, layout.values_per_test]
+    stale = [layout.kernel_manifest, layout.marginals_dir.parent, layout.values, layout.values_per_test,
+             layout.duplicates]
     if not stage.resume:
         stale.append(layout.kernel_dir)
     for sub in stale:
         remove_path(sub)  # also under an output URI
     for split, ex in (("train", splits.train), ("test", splits.test)):
         write_examples(layout, split, ex.texts, ex.labels, ex.ids, splits.label_names)
+    if splits.duplicates is not None:
+        write_duplicates(layout, splits.duplicates, splits.label_names)
     store = KernelStore(layout)
     info = {**compute_kernel(stage.job, store, resume=stage.resume, progress=progress, on_tile=on_tile),
             **stage.model_info}
@@ -142,7 +146,10 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     info["condition_number_first_logit"] = condition_number(k)
     info["diag_mean"] = float(np.diagonal(k).mean())
     store.finish(info)
-    _record(layout, cfg, "kernel", {**info, "data": splits.source, "model_dir": str(stage.job.model_dir)})
+    data_info = {"data": splits.source, "model_dir": str(stage.job.model_dir)}
+    if splits.duplicates is not None:
+        data_info["duplicates"] = splits.duplicates.counts()
+    _record(layout, cfg, "kernel", {**info, **data_info})
     return info
 
 

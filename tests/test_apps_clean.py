@@ -20,7 +20,9 @@ from freeshap_ray.apps.cleaning import prepare_clean
 from freeshap_ray.cli import main
 from freeshap_ray.config import config_from_dict, config_to_dict
 from freeshap_ray.errors import ConfigError, OutputError
-from freeshap_ray.io import KernelStore, Layout, write_examples, write_kernel_tile
+from freeshap_ray.apps.cleaning import summary_lines
+from freeshap_ray.data.dedupe import Duplicates
+from freeshap_ray.io import KernelStore, Layout, write_duplicates, write_examples, write_kernel_tile
 from freeshap_ray.io.apps_store import (
     CURVES_SCHEMA,
     DETECTION_SCHEMA,
@@ -72,6 +74,22 @@ def write_synthetic_run(out, n=N_TRAIN, m=N_TEST, seed=0):
     return k_tt, k_st, y, yt
 
 
+def write_synthetic_duplicates(out, y) -> list[dict]:
+    """``duplicates.parquet`` as ``data.dedupe`` writes it for the synthetic run's first three training points
+    (ids 1000..1002): a conflicting train+test group, a consistent group and a conflicting test copy.
+    Returns the conflicting groups ``clean`` should list."""
+    t = [f"train point {i} <b>&amp; {NAMES[c]}</b>" for i, c in enumerate(y[:3])]
+    flip = [1 - int(c) for c in y[:3]]
+    dups = Duplicates("normalized", ("train", "test", "train", "test"), ("repeat", "test_in_train", "repeat",
+                      "test_in_train"), np.array([5000, 7, 5001, 8]), (t[0].upper(), t[0], t[1], t[2]),
+                      np.array([flip[0], y[0], y[1], flip[2]]), np.array([1000, 1000, 1001, 1002]),
+                      (t[0], t[0], t[1], t[2]), np.array([y[0], y[0], y[1], y[2]]))
+    write_duplicates(Layout.of(out), dups, NAMES)
+    return [{"text": t[0], "ids": [1000, 5000, 7], "labels": [NAMES[y[0]], NAMES[flip[0]], NAMES[y[0]]],
+             "splits": ["train", "train", "test"]},
+            {"text": t[2], "ids": [1002, 8], "labels": [NAMES[y[2]], NAMES[flip[2]]], "splits": ["train", "test"]}]
+
+
 def built_run(tmp_path_factory):
     """Synthetic run + Shapley stage + `clean` with 10 % noise (built once per session)."""
     if "out" not in _BUILT:
@@ -79,10 +97,11 @@ def built_run(tmp_path_factory):
 
         out = tmp_path_factory.mktemp("clean") / "out"
         kernels = write_synthetic_run(out)
+        conflicts = write_synthetic_duplicates(out, kernels[2])
         cfg = config_from_dict(job_dict(out))
         run_shapley_stage(cfg, progress=False)
         summary = run_clean(cfg, progress=False)
-        _BUILT.update(out=out, cfg=cfg, summary=summary, kernels=kernels)
+        _BUILT.update(out=out, cfg=cfg, summary=summary, kernels=kernels, conflicts=conflicts)
     return _BUILT
 
 
@@ -166,6 +185,28 @@ def test_random_removal_stays_near_full_accuracy_and_values_order_the_curves(run
     assert fs[("keep_top", 1.0)] == pytest.approx(full) and fs[("keep_top", 0.0)] == 0.5
 
 
+def test_conflicting_duplicates_are_listed(run):
+    """Groups from duplicates.parquet whose labels differ: in summary.json and the CLI lines."""
+    assert run["summary"]["conflicting_duplicates"] == run["conflicts"]
+    on_disk = json.loads(Layout.of(run["out"]).summary.read_text())["conflicting_duplicates"]
+    assert on_disk == run["conflicts"]
+    lines = "\n".join(summary_lines(run["summary"], run["out"]))
+    assert "2 conflicting duplicate groups" in lines and "duplicates.parquet" in lines
+    assert "train:1000" in lines and "test:8" in lines and "train:1001" not in lines
+
+
+def test_clean_names_an_unreadable_duplicates_file(ray_local, tmp_path):
+    out = tmp_path / "dups"
+    write_synthetic_run(out, n=20, m=10)
+    Layout.of(out).duplicates.write_bytes(b"not parquet")
+    from freeshap_ray.pipeline import run_shapley_stage
+
+    run_shapley_stage(config_from_dict(job_dict(out)), progress=False)
+    with pytest.raises(OutputError, match="duplicates.parquet"):
+        prepare_clean(config_from_dict(job_dict(out, noise_fraction=0.0)))
+    assert not Layout.of(out).suspects.exists()
+
+
 def test_clean_refuses_to_overwrite_and_names_bad_settings(run, tmp_path):
     cfg = run["cfg"]
     with pytest.raises(OutputError, match="--overwrite"):
@@ -224,6 +265,7 @@ def test_clean_cli_without_noise_and_full_kernel(ray_local, tmp_path, capsys):
     stale.write_bytes(b"old")
     assert main(["clean", str(cfg_file), "--no-progress", "--overwrite"]) == 0
     assert not stale.exists() and Layout.of(out).summary.is_file()
+    assert "conflicting_duplicates" not in json.loads(Layout.of(out).summary.read_text())  # no data.dedupe
 
 
 def test_suspects_stream_from_parquet_without_reading_whole_tables(tmp_path, monkeypatch):

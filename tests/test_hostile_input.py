@@ -40,6 +40,7 @@ TINY = [
     "model.params=all", "data.min_confidence=null", "data.max_examples=null", "data.max_test_examples=null",
     "data.test_fraction=0.3", "kernel.block_size=4", "kernel.num_cpus_per_actor=0.5",
     "shapley.n_permutations=6", "shapley.permutations_per_task=3", "shapley.num_cpus_per_task=0.5",
+    "data.dedupe=none",  # repeated rows stay (the quickstart config this builds on drops them)
 ]
 
 
@@ -90,6 +91,8 @@ def _snapshot(root: Path) -> dict[str, str]:
         ("inf", "shapley:\n  truncation_tol: .inf\n", ["shapley.truncation_tol: expected a finite number"]),
         ("negative cpus", "ray:\n  num_cpus: -2\n", ["ray.num_cpus: must be >= 1"]),
         ("unknown encoding", "data:\n  encoding: klingon-8\n", ["data.encoding: unknown text encoding"]),
+        ("unknown dedupe mode", "data:\n  dedupe: fuzzy\n", ["data.dedupe: must be one of", "normalized"]),
+        ("null dedupe mode", "data:\n  dedupe: null\n", ["data.dedupe: must be one of"]),
         ("word/class count", "model:\n  label_words: [a, b, c]\n", ["model.label_words: 3 words"]),
         ("bool for pickle flag", "model:\n  allow_pickle: yes please\n", ["model.allow_pickle: expected true/false"]),
     ],

@@ -71,8 +71,10 @@ def test_report_is_self_contained_with_every_section(report):
     assert set(FIGURE_IDS) <= set(dom.imgs)
     for fid in FIGURE_IDS:
         assert dom.imgs[fid]["src"].startswith("data:image/png;base64,") and len(dom.imgs[fid]["src"]) > 5000
-    for tid in ("tbl-metadata", "tbl-detection", "tbl-harmful", "tbl-helpful"):
+    for tid in ("tbl-metadata", "tbl-detection", "tbl-harmful", "tbl-helpful", "sec-conflicts", "tbl-conflicts"):
         assert tid in dom.ids
+    conflicts = text[text.index("id='sec-conflicts'"):text.index("id='sec-harmful'")]
+    assert "2 groups" in conflicts and "train:1000, train:5000, test:7" in conflicts and "train:1001" not in conflicts
     assert "http://" not in text and "https://" not in text and "<link" not in text  # nothing external
     # example texts are escaped, never interpreted
     assert "<b>&amp;" not in text and "&lt;b&gt;&amp;amp;" in text
@@ -92,6 +94,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     dom.feed(res.stdout)
     assert dom.body.get("data-figures-ok") == "true", (dom.body, res.stderr[-2000:])
     assert dom.body.get("data-figures-loaded") == str(len(FIGURE_IDS))
+    assert "tbl-conflicts" in dom.ids
     for fid in FIGURE_IDS:
         assert dom.imgs[fid].get("data-rendered") == "true", fid
     shot = tmp_path / "shot.png"
@@ -116,6 +119,7 @@ def test_report_of_a_run_without_clean_has_values_and_sign_only(ray_local, tmp_p
     assert 'id="fig-values"' in text and 'id="fig-sign"' in text
     assert 'id="fig-detection"' not in text and 'id="fig-curves"' not in text
     assert "freeshap-ray clean CONFIG" in text and "data-figures-expected='2'" in text
+    assert "sec-conflicts" not in text  # no duplicates.parquet
     custom = write_report(out, tmp_path / "elsewhere" / "r.html", top_k=2)
     assert custom.is_file() and not (out / "report.html").exists()
     assert main(["report", str(out), "--top-k", "0"]) == 2

@@ -13,7 +13,10 @@ Given a finished run directory (train/test examples, kernel, ``values.parquet``)
 3. **Curves** (``OUT/clean/curves.parquet``): test accuracy of the surrogate refitted after removing
    the highest / lowest scored points, and keeping the top-scored ones, for FreeShap and every
    baseline; random removal (mean of ``clean.random_repeats`` orders) is the reference line.
-4. **Noise evaluation** (``clean.noise_fraction > 0``, ``OUT/clean/noise/``): a seeded fraction of the
+4. **Conflicting duplicates** (``data.dedupe``): groups of training texts equal under the dedupe key
+   but labelled differently (and test texts whose training twin has another label), read from
+   ``OUT/duplicates.parquet``, are listed in the summary (``conflicting_duplicates``).
+5. **Noise evaluation** (``clean.noise_fraction > 0``, ``OUT/clean/noise/``): a seeded fraction of the
    training labels is flipped, FreeShap values (the engine, on the SAME kernel: the kernel does not
    depend on labels) and the baselines are recomputed on the noisy labels, and each method's
    detection curve, AUC and recall at ``clean.inspect_fraction`` are written.
@@ -37,7 +40,8 @@ import pyarrow.parquet as pq
 
 from ..config import JobConfig, config_to_dict
 from ..errors import ConfigError, OutputError
-from ..io import Kernel, Layout, RunManifest, read_kernel, write_json_atomic
+from ..data.dedupe import conflict_groups
+from ..io import Kernel, Layout, RunManifest, read_duplicates, read_kernel, write_json_atomic
 from ..io.apps_store import SUSPECTS_SCHEMA, write_curves, write_detection, write_scores
 from ..io.atomic import atomic_path
 from ..utility import RegressionProblem
@@ -161,9 +165,10 @@ class CleanInputs:
 
     def __init__(self, cfg: JobConfig, values: np.ndarray, stderr: np.ndarray, labels: np.ndarray,
                  label_names: tuple[str, ...], kernel: Kernel | None, y_test: np.ndarray | None,
-                 shapley_info: dict[str, Any]):
+                 shapley_info: dict[str, Any], conflicts: list[dict[str, Any]] | None = None):
         self.cfg, self.values, self.stderr, self.labels = cfg, values, stderr, labels
         self.label_names, self.kernel, self.y_test, self.shapley_info = label_names, kernel, y_test, shapley_info
+        self.conflicts = conflicts  # conflicting duplicate groups; None: the run did not deduplicate
         self.layout = Layout.of(cfg.output)
 
     @property
@@ -252,7 +257,9 @@ def prepare_clean(cfg: JobConfig, *, overwrite: bool = False) -> CleanInputs:
             raise ConfigError(f"data.label_names: {len(names)} classes, the kernel in {layout.kernel_dir} has "
                               f"{kernel.n_classes}")
         y_test = _read_vectors(layout.examples("test"), ["label"]).column("label").to_numpy().astype(np.int64)
-    return CleanInputs(cfg, values, stderr, labels, names, kernel, y_test, shapley_info)
+    dups = read_duplicates(layout, conflicts_only=True)
+    conflicts = None if dups is None else conflict_groups(dups.to_pylist())
+    return CleanInputs(cfg, values, stderr, labels, names, kernel, y_test, shapley_info, conflicts)
 
 
 def _noisy_values(inp: CleanInputs, noisy: np.ndarray, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -298,6 +305,8 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
         "ranking": "per-class z-score of the value" if cc.per_class_normalise else "value",
         "predicted_label": "leave-one-out kernel-surrogate prediction" if cc.use_kernel else None,
     }
+    if inp.conflicts is not None:
+        summary["conflicting_duplicates"] = inp.conflicts
     writes: list[tuple[str, Any]] = []  # (kind, args) performed after everything is computed
 
     order_given = rank_order(inp.values, inp.labels, per_class_normalise=cc.per_class_normalise)
@@ -434,6 +443,16 @@ def summary_lines(summary: dict[str, Any], out_dir: str | Path) -> list[str]:
     if given:
         lines.append(f"  surrogate test accuracy {given['surrogate_test_accuracy']:.4f}; {given['n_loo_disagree']} points' "
                      f"leave-one-out prediction disagrees with their label; {given['n_negative_value']} negative values")
+    conflicts = summary.get("conflicting_duplicates")
+    if conflicts:
+        lines.append(f"  {len(conflicts)} conflicting duplicate groups (same text under data.dedupe, different labels; "
+                     f"the first was kept) -> {layout.duplicates}")
+        for g in conflicts[:5]:
+            text = g["text"] if len(g["text"]) <= 60 else g["text"][:57] + "..."
+            pairs = ", ".join(f"{sp}:{i} {lab}" for sp, i, lab in zip(g["splits"], g["ids"], g["labels"]))
+            lines.append(f"    {text!r}: {pairs}")
+        if len(conflicts) > 5:
+            lines.append(f"    ... {len(conflicts) - 5} more in {layout.summary}")
     if "curves" in summary:
         lines.append(f"  removal/selection curves -> {layout.curves}")
     noise = summary.get("noise")

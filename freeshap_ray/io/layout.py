@@ -3,6 +3,7 @@
 ```
 OUT/manifest.json                      config, versions, per-stage timings
 OUT/train.parquet, OUT/test.parquet    index, id, text, label, label_name
+OUT/duplicates.parquet                 (data.dedupe) the examples dropped as duplicates, with the row each repeats
 OUT/kernel/plan.json                   signature of the plan the tiles belong to (resume check)
 OUT/kernel/manifest.json               kind, shapes, blocks, tiles, parameter count, condition number
 OUT/kernel/train_train/tile-rRRRRR-cCCCCC.parquet   lower-triangular train×train tiles
@@ -49,6 +50,10 @@ class Layout:
 
     def examples(self, split: str) -> Path:
         return self.root / f"{split}.parquet"
+
+    @property
+    def duplicates(self) -> Path:
+        return self.root / "duplicates.parquet"
 
     @property
     def kernel_dir(self) -> Path:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import KernelError, OutputError
@@ -23,6 +24,7 @@ from ..valuation.sinks import Batch, StoredMarginals
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DUPLICATES_SCHEMA",
     "EXAMPLES_SCHEMA",
     "Kernel",
     "read_kernel",
@@ -32,8 +34,10 @@ __all__ = [
     "VALUES_SCHEMA",
     "SCHEMA_VERSION",
     "load_kernel",
+    "read_duplicates",
     "read_examples",
     "read_values",
+    "write_duplicates",
     "write_examples",
     "KernelStore",
     "write_kernel_tile",
@@ -52,6 +56,23 @@ EXAMPLES_SCHEMA = pa.schema(
         ("label_name", pa.string()),
     ],
     metadata={"freeshap_ray.schema": f"examples/{SCHEMA_VERSION}"},
+)
+
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        ("split", pa.string()),  # train | test: the source the dropped row comes from
+        ("id", pa.int64()),  # the dropped row (as `id` in train/test.parquet)
+        ("text", pa.string()),
+        ("label", pa.int64()),
+        ("label_name", pa.string()),
+        ("reason", pa.string()),  # repeat | test_in_train
+        ("kept_id", pa.int64()),  # the data.train row it repeats (kept)
+        ("kept_text", pa.string()),
+        ("kept_label", pa.int64()),
+        ("kept_label_name", pa.string()),
+        ("conflict", pa.bool_()),  # label != kept_label
+    ],
+    metadata={"freeshap_ray.schema": f"duplicates/{SCHEMA_VERSION}"},
 )
 
 KERNEL_TILE_SCHEMA = pa.schema(
@@ -133,6 +154,49 @@ def read_examples(layout: Layout, split: str) -> pa.Table:
         raise OutputError(f"{path}: missing; run the kernel stage first (freeshap-ray kernel CONFIG)")
     try:
         return pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise OutputError(f"{path}: unreadable ({err}); rerun the kernel stage with --overwrite") from err
+
+
+def write_duplicates(layout: Layout, dups: Any, label_names) -> Path:
+    """Write the examples ``data.dedupe`` dropped (a :class:`~freeshap_ray.data.dedupe.Duplicates`)."""
+    labels = np.asarray(dups.labels, dtype=np.int64)
+    kept = np.asarray(dups.kept_labels, dtype=np.int64)
+    table = pa.table(
+        {
+            "split": pa.array(list(dups.split), pa.string()),
+            "id": np.asarray(dups.ids, dtype=np.int64),
+            "text": pa.array(list(dups.texts), pa.string()),
+            "label": labels,
+            "label_name": pa.array([label_names[i] for i in labels], pa.string()),
+            "reason": pa.array(list(dups.reason), pa.string()),
+            "kept_id": np.asarray(dups.kept_ids, dtype=np.int64),
+            "kept_text": pa.array(list(dups.kept_texts), pa.string()),
+            "kept_label": kept,
+            "kept_label_name": pa.array([label_names[i] for i in kept], pa.string()),
+            "conflict": labels != kept,
+        },
+        schema=DUPLICATES_SCHEMA,
+    )
+    return write_parquet_atomic(table, layout.duplicates)
+
+
+def read_duplicates(layout: Layout, *, conflicts_only: bool = False) -> pa.Table | None:
+    """``duplicates.parquet`` (None if the run did not deduplicate); with ``conflicts_only`` just the rows
+    of groups (same ``kept_id``) in which some label differs."""
+    path = layout.duplicates
+    if not path.is_file():
+        return None
+    try:
+        names = pq.read_schema(path).names
+        missing = [n for n in DUPLICATES_SCHEMA.names if n not in names]
+        if missing:
+            raise OutputError(f"{path}: not a duplicates table (missing columns {missing})")
+        if not conflicts_only:
+            return pq.read_table(path, columns=DUPLICATES_SCHEMA.names)
+        flags = pq.read_table(path, columns=["kept_id", "conflict"])
+        groups = pc.unique(pc.filter(flags.column("kept_id"), flags.column("conflict")))
+        return pq.read_table(path, columns=DUPLICATES_SCHEMA.names, filters=pc.field("kept_id").isin(groups))
     except (OSError, pa.ArrowException) as err:
         raise OutputError(f"{path}: unreadable ({err}); rerun the kernel stage with --overwrite") from err
 
