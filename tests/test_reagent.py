@@ -20,12 +20,12 @@ from freeshap_ray.reagent import (
     baseline_scores,
     heatmap_html,
     prepare_prompt,
-    reagent_attribute,
     soft_faithfulness,
     special_token_ids,
     valid_token_ids,
 )
-from freeshap_ray.reagent.algorithm import probe_rng, top_mask
+from freeshap_ray.reagent.algorithm import probe_rng
+from freeshap_ray.reagent.api import reagent_attribute
 
 from .reagent_models import OnePositionLM, tiny_tokenizer
 
@@ -68,13 +68,31 @@ def _engine(model, tok, cfg):
                          UniformSampler(valid_token_ids(model, tok)), cfg, special_token_ids(tok))
 
 
-def reference_reagent(model, tok, target: Target, cfg: ReagentConfig, sampler) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Straight transcription of the algorithm: one probe, one step, one batch-1 forward at a time."""
-    special = np.array(sorted(special_token_ids(tok)))
-    ctx = target.context
-    pos = np.flatnonzero(~np.isin(ctx, special))
+def reference_reagent(model, tok, target: Target, cfg: ReagentConfig, vocab_size: int):
+    """Straight transcription of the algorithm, sharing nothing with the engine: its own random stream, top-n
+    choice and replacements; one probe, one step, one batch-1 forward at a time.
+
+    What the engine and this loop agree on is the DEFINITION of a probe's randomness: NumPy's default generator
+    seeded with (seed, prompt id, target position, probe) draws L uniforms for the initial logits, then per step
+    three blocks of L (one per replaceable position): which positions to replace (u < replacing ratio), their
+    replacements for the update, and their replacements for the stop check; a replacement is
+    ``pool[floor(u · |pool|)]`` with ``pool`` the sorted non-special ids below the vocabulary size; the kept
+    top n are the largest logits, ties to the lower position. So the results must agree bit for bit.
+    """
+    special = {int(i) for i in tok.all_special_ids}
+    special |= {int(i) for i, t in tok.added_tokens_decoder.items() if t.special}
+    pool = [i for i in range(vocab_size) if i not in special]
+    ctx = [int(t) for t in target.context]
+    pos = [k for k, t in enumerate(ctx) if t not in special]
     L = len(pos)
     n = min(cfg.keep_top_n, L - 1)
+
+    def with_replacements(chosen: list[bool], u: np.ndarray) -> np.ndarray:
+        row = list(ctx)
+        for k, p in enumerate(pos):
+            if chosen[k]:
+                row[p] = pool[min(int(u[k] * len(pool)), len(pool) - 1)]
+        return np.array(row, dtype=np.int64)
 
     def stats(row):
         with torch.no_grad():
@@ -83,24 +101,22 @@ def reference_reagent(model, tok, target: Target, cfg: ReagentConfig, sampler) -
 
     zs, steps, conv = [], [], []
     for q in range(cfg.num_probes):
-        rng = probe_rng(cfg.seed, target.prompt_id, target.position, q)
+        rng = np.random.default_rng([cfg.seed, target.prompt_id, target.position, q])
         z = rng.random(L)
-        seen = np.zeros(L, bool)
+        seen = [False] * L
         done = False
         for step in range(1, cfg.max_steps + 1):
             u_mask, u_rep, u_stop = rng.random(L), rng.random(L), rng.random(L)
-            mask = u_mask < cfg.replacing_ratio
-            d = 0.0
-            if mask.any():
-                d = target.p_orig - stats(sampler.replace(ctx, pos, mask[None], u_rep[None])[0])[0]
+            chosen = [bool(u < cfg.replacing_ratio) for u in u_mask]
+            d = target.p_orig - stats(with_replacements(chosen, u_rep))[0] if any(chosen) else 0.0
             a = np.clip((1 + np.array([d])) / 2, 1e-7, 1 - 1e-7)
             up = (np.log(a) - np.log1p(-a))[0]
-            z = z + np.where(mask, up, -up)
-            seen |= mask
-            if L <= cfg.keep_top_n and not seen.all():
+            z = z + np.array([up if c else -up for c in chosen])
+            seen = [s or c for s, c in zip(seen, chosen)]
+            if L <= cfg.keep_top_n and not all(seen):
                 continue
-            keep = top_mask(z[None], n)[0]
-            if stats(sampler.replace(ctx, pos, (~keep)[None], u_stop[None])[0])[1] < cfg.top_k:
+            top = set(sorted(range(L), key=lambda k: (-z[k], k))[:n])
+            if stats(with_replacements([k not in top for k in range(L)], u_stop))[1] < cfg.top_k:
                 done = True
                 break
         zs.append(z)
@@ -150,12 +166,11 @@ def test_batched_speculative_equals_sequential_exactly(tok, spec):
         Target(contexts[1], 2 + len(tok) // 2, prompt_id=3)]
     seq = _engine(model, tok, base).run(targets(), schedule="sequential")
     bat = _engine(model, tok, dataclasses.replace(base, **spec)).run(targets(), schedule="batched")
-    sampler = UniformSampler(valid_token_ids(model, tok))
     for t, a, b in zip(targets(), seq, bat):
         assert np.array_equal(a.scores, b.scores)
         assert np.array_equal(a.steps, b.steps) and np.array_equal(a.probe_converged, b.probe_converged)
         t.p_orig = a.p_orig
-        ref_scores, ref_steps, ref_conv = reference_reagent(model, tok, t, base, sampler)
+        ref_scores, ref_steps, ref_conv = reference_reagent(model, tok, t, base, len(tok))
         assert np.array_equal(ref_scores, a.scores)
         assert np.array_equal(ref_steps, a.steps) and np.array_equal(ref_conv, a.probe_converged)
 

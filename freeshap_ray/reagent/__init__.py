@@ -1,4 +1,5 @@
-"""ReAGent token attribution for causal LMs (no Ray here; see :mod:`freeshap_ray.distributed.reagent_job`).
+"""ReAGent token attribution for causal LMs (no Ray here; see :mod:`freeshap_ray.distributed.reagent_job`;
+the one-call Python API is :func:`freeshap_ray.reagent_attribute`, in :mod:`.api`).
 
 Modules: :mod:`.algorithm` (probes, masks, updates, stop rule, speculative batched steps),
 :mod:`.samplers` (uniform / POS / masked-LM replacement), :mod:`.metrics` (Soft-NS / Soft-NC),
@@ -8,7 +9,6 @@ Modules: :mod:`.algorithm` (probes, masks, updates, stop rule, speculative batch
 from __future__ import annotations
 
 from .algorithm import ReagentEngine, Target, TargetResult
-from .api import ReagentResult, reagent_attribute
 from .gradient_baselines import BASELINES, baseline_scores
 from .html import heatmap_html
 from .lm import TargetLM, special_token_ids
@@ -22,7 +22,6 @@ __all__ = [
     "PosSampler",
     "PreparedPrompt",
     "ReagentEngine",
-    "ReagentResult",
     "ReagentRunner",
     "Sampler",
     "Target",
@@ -33,7 +32,6 @@ __all__ = [
     "build_sampler",
     "heatmap_html",
     "prepare_prompt",
-    "reagent_attribute",
     "soft_faithfulness",
     "special_token_ids",
     "valid_token_ids",

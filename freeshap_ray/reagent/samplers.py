@@ -16,6 +16,7 @@ a special token; special positions are never offered for replacement by the algo
 from __future__ import annotations
 
 import hashlib
+import os
 import logging
 from pathlib import Path
 
@@ -108,12 +109,12 @@ class PosSampler(Sampler):
         groups = np.array(
             [index["SPACE"] if not w else index[self._coarse(self.tagger.tag([w])[0])] for w in words], dtype=np.int8
         )
-        try:
-            from ..io.atomic import atomic_path
-
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, groups)
+        try:  # a model-asset cache (like the de-quantised GGUF): temp file + rename, never a partial file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.save(f, groups)
+            os.replace(tmp, path)
         except OSError as err:  # cache is an optimisation only
             log.warning("could not cache POS tags of the vocabulary at %s: %s", path, err)
         return groups
