@@ -70,7 +70,7 @@ def shapley(
 
     Runs on the current Ray runtime; starts an embedded local one (127.0.0.1) if none is running.
     """
-    from .config import ShapleyConfig, _build
+    from .config import ShapleyConfig, build_section
     from .distributed import ensure_ray
     from .distributed.shapley_job import run_valuation
     from .io import MarginalsStore
@@ -80,7 +80,7 @@ def shapley(
     keys = {k: v for k, v in locals().items() if k in _CONFIG_KEYS}  # the keywords that mirror shapley.* keys
     if isinstance(utility, str):
         keys["utility"] = utility
-    settings = ValuationSettings.of(_build(ShapleyConfig, keys, "shapley."), utility)  # validated here, once
+    settings = ValuationSettings.of(build_section(ShapleyConfig, keys, "shapley."), utility)  # validated here, once
     problem = RegressionProblem.from_kernels(
         k_train, k_test_train, y_train, y_test, n_classes=n_classes, lam=lam, kernel_divisor=kernel_divisor
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from freeshap_ray.config import KernelConfig, ModelConfig
 from freeshap_ray.errors import ConfigError

@@ -500,12 +500,12 @@ def test_soft_metrics_oracle_beats_random(tok):
     pos = np.flatnonzero(~np.isin(ctx, sorted(special_token_ids(tok))))
     oracle = np.zeros(len(ctx))
     oracle[J] = 1.0
-    m = soft_faithfulness(model, ctx, 0, oracle, pos, n_samples=16, seed=0)
+    m = soft_faithfulness(model, Target(ctx, 0), oracle, pos, n_samples=16, seed=0)
     assert m["log_soft_ns"] > 0.5 and m["log_soft_nc"] > 0.5
     assert m["soft_ns"] > 0.99 and m["soft_nc"] > 0.99  # keeping exactly j restores p; removing it is the zero input
     anti = np.ones(len(ctx))
     anti[J] = 0.0
-    bad = soft_faithfulness(model, ctx, 0, anti, pos, n_samples=16, seed=0)
+    bad = soft_faithfulness(model, Target(ctx, 0), anti, pos, n_samples=16, seed=0)
     assert bad["log_soft_ns"] < 0 and bad["log_soft_nc"] < 0
 
 
@@ -527,7 +527,7 @@ def test_attention_baseline_and_heatmap(tiny_llama):
     model, tok = tiny_llama
     ctx = np.asarray(tok("the movie was great")["input_ids"])
     pos = np.arange(1, len(ctx))
-    s = baseline_scores("attention", model, ctx, 7, pos)
+    s = baseline_scores("attention", model, Target(ctx, 7), pos)
     assert s[0] == 0.0 and np.isclose(s.sum(), 1.0) and np.all(s >= 0)
     assert model.config._attn_implementation != "eager"  # restored
     res = reagent_attribute(model, tok, "the movie was", max_new_tokens=1, num_probes=2, max_steps=5)

@@ -164,12 +164,16 @@ class CleanInputs:
     """Validated inputs of ``clean`` (nothing written yet)."""
 
     def __init__(self, cfg: JobConfig, values: np.ndarray, stderr: np.ndarray, labels: np.ndarray,
-                 label_names: tuple[str, ...], kernel: Kernel | None, y_test: np.ndarray | None,
-                 shapley_info: dict[str, Any], conflicts: list[dict[str, Any]] | None = None):
+                 kernel: Kernel | None, y_test: np.ndarray | None, shapley_info: dict[str, Any],
+                 conflicts: list[dict[str, Any]] | None = None):
         self.cfg, self.values, self.stderr, self.labels = cfg, values, stderr, labels
-        self.label_names, self.kernel, self.y_test, self.shapley_info = label_names, kernel, y_test, shapley_info
+        self.kernel, self.y_test, self.shapley_info = kernel, y_test, shapley_info
         self.conflicts = conflicts  # conflicting duplicate groups; None: the run did not deduplicate
         self.layout = Layout.of(cfg.output)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.cfg.data.label_names)
 
     @property
     def n(self) -> int:
@@ -259,7 +263,7 @@ def prepare_clean(cfg: JobConfig, *, overwrite: bool = False) -> CleanInputs:
         y_test = _read_vectors(layout.examples("test"), ["label"]).column("label").to_numpy().astype(np.int64)
     dups = read_duplicates(layout, conflicts_only=True)
     conflicts = None if dups is None else conflict_groups(dups.to_pylist())
-    return CleanInputs(cfg, values, stderr, labels, names, kernel, y_test, shapley_info, conflicts)
+    return CleanInputs(cfg, values, stderr, labels, kernel, y_test, shapley_info, conflicts)
 
 
 def _noisy_values(inp: CleanInputs, noisy: np.ndarray, progress: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

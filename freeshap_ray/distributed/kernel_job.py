@@ -190,7 +190,8 @@ def compute_kernel(job: KernelInputs, store: KernelStore, *, resume: bool = Fals
     actors = _make_actors(job.model_dir, job.model, cfg, shards, pg) if todo else []
     _own(*actors)
     t1 = time.perf_counter()
-    _reduce_tiles(job, store, actors, n_shards, bounds, todo, len(plan), progress=progress, on_tile=on_tile, pg=pg)
+    _reduce_tiles(job, store, _Schedule(actors, pg, n_shards, bounds, todo, len(plan)), progress=progress,
+                  on_tile=on_tile)
     elapsed = time.perf_counter() - t1
     nodes = actor_nodes(actors)
     for a in actors:
@@ -229,10 +230,24 @@ def _size(bound: tuple[int, int]) -> int:
     return bound[1] - bound[0]
 
 
-def _reduce_tiles(job: KernelInputs, store: KernelStore, actors: list, n_shards: int, bounds: dict, todo: list[Tile],
-                  n_plan: int, *, progress: bool, on_tile, pg) -> None:
+@dataclass(frozen=True)
+class _Schedule:
+    """Who computes what: the actors (and their placement group), S parameter shards, the example blocks of each
+    split (``{"train": [(start, stop), ...], "test": ...}``), the tiles still to compute, and the plan's size."""
+
+    actors: list
+    pg: Any
+    n_shards: int
+    bounds: dict[str, list[tuple[int, int]]]
+    todo: list[Tile]
+    n_plan: int
+
+
+def _reduce_tiles(job: KernelInputs, store: KernelStore, sched: _Schedule, *, progress: bool, on_tile) -> None:
     """Schedule each needed block's Jacobian once per shard and each tile's shard partials; sum and store tiles."""
     cfg, texts = job.kernel, {"train": job.train_texts, "test": job.test_texts}
+    actors, pg, n_shards, bounds, todo, n_plan = (sched.actors, sched.pg, sched.n_shards, sched.bounds, sched.todo,
+                                                  sched.n_plan)
 
     def row_key(t: Tile) -> tuple[str, int]:
         return ("train" if t.matrix == "train_train" else "test", t.row)

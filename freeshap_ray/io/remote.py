@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..config.checks import SCHEMES, check_output_uri, is_uri
 from ..errors import ConfigError
 
 __all__ = [
@@ -55,34 +56,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: URI schemes accepted for ``output`` (pyarrow filesystems).
-SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 _OBJECT_STORES = ("s3", "gcs", "abfs", "mock")  # pyarrow type names: no atomic rename, probe with a PUT
 _IMPLICIT_DIRS = ("s3", "gcs")  # no directory objects needed (none are created)
-_URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PROBE_NAME = ".freeshap-ray-write-test"
 _CHUNK = 8 << 20
-
-
-def is_uri(output: Any) -> bool:
-    """Whether ``output`` is a ``scheme://...`` URI (a string; ``Path`` objects are local paths)."""
-    return isinstance(output, str) and _URI_RE.match(output) is not None
-
-
-def check_output_uri(output: str, key: str = "output") -> None:
-    """Syntax check of an output URI (no I/O). Raises ConfigError naming ``key``."""
-    if not is_uri(output):
-        return
-    scheme = _URI_RE.match(output).group(1).lower()
-    if scheme not in SCHEMES:
-        raise ConfigError(f"{key}: unsupported URI scheme {scheme!r} in {output!r}; give a directory path or a "
-                          f"{', '.join(s + '://' for s in SCHEMES)} URI")
-    parts = urlsplit(output)
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path.strip("/"):
-            raise ConfigError(f"{key}: {output!r}: a file URI needs an absolute path, e.g. file:///shared/run")
-    elif scheme in ("s3", "gs", "gcs") and not parts.netloc:
-        raise ConfigError(f"{key}: {output!r}: give a bucket (and a prefix), e.g. {scheme}://bucket/runs/quickstart")
 
 
 # --------------------------------------------------------------------------------------------------

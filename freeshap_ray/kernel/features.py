@@ -12,7 +12,8 @@ Per parameter tensor the tile uses whichever exact formula is cheaper:
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -56,20 +57,30 @@ def _gram(a: np.ndarray, b: np.ndarray | None, chunk: int, precision: Precision)
     return acc.numpy()
 
 
-def _token_formula(
-    a1: torch.Tensor, g1: torch.Tensor, r1: torch.Tensor, a2: torch.Tensor | None, g2: torch.Tensor, r2: torch.Tensor,
-    out: torch.Tensor, ids1: torch.Tensor | None = None, ids2: torch.Tensor | None = None,
-) -> None:
-    """out[r1_t, r2_t'] += (a1_t·a2_t')(g1_t·g2_t') (or [ids equal]·(g1_t·g2_t') when ``a2 is None``)."""
-    for s in range(0, g1.shape[0], TOKEN_ROWS):
-        e = min(g1.shape[0], s + TOKEN_ROWS)
-        m = (g1[s:e] @ g2.T).double()
-        if a2 is None:
-            m *= (ids1[s:e, None] == ids2[None, :]).double()
+class _Tokens(NamedTuple):
+    """One side of the per-token formula: per active token its input ``a`` (N, d_in) — or its token id (N,) for
+    an embedding table — its output-gradient ``g`` (N, d_out) and the row ``row`` (N,) it belongs to."""
+
+    a: torch.Tensor
+    g: torch.Tensor
+    row: torch.Tensor
+
+    @classmethod
+    def of(cls, first: np.ndarray, g: np.ndarray, row: np.ndarray) -> _Tokens:
+        return cls(torch.from_numpy(first), torch.from_numpy(g), torch.from_numpy(row))
+
+
+def _token_formula(t1: _Tokens, t2: _Tokens, out: torch.Tensor, *, ids: bool = False) -> None:
+    """out[r1_t, r2_t'] += (a1_t·a2_t')(g1_t·g2_t') (or [ids equal]·(g1_t·g2_t') when the ``a`` are token ids)."""
+    for s in range(0, t1.g.shape[0], TOKEN_ROWS):
+        e = min(t1.g.shape[0], s + TOKEN_ROWS)
+        m = (t1.g[s:e] @ t2.g.T).double()
+        if ids:
+            m *= (t1.a[s:e, None] == t2.a[None, :]).double()
         else:
-            m *= (a1[s:e] @ a2.T).double()
-        tmp = torch.zeros(e - s, out.shape[1], dtype=torch.float64).index_add_(1, r2, m)
-        out.index_add_(0, r1[s:e], tmp)
+            m *= (t1.a[s:e] @ t2.a.T).double()
+        tmp = torch.zeros(e - s, out.shape[1], dtype=torch.float64).index_add_(1, t2.row, m)
+        out.index_add_(0, t1.row[s:e], tmp)
 
 
 class _Scratch:
@@ -91,27 +102,41 @@ class _Scratch:
         return buf[:need].view(rows, width)
 
 
-def _linear_pair(fa: LinearFactors, fb: LinearFactors, ra: int, rb: int, same: bool, chunk: int,
-                 precision: Precision, out: torch.Tensor, scratch: _Scratch) -> None:
-    na, nb, p = len(fa.row), len(fb.row), fa.n_params
+@dataclass
+class _Tile:
+    """A tile being accumulated: ``out`` (ra, rb) float64, the GEMM settings, and the scratch buffers."""
+
+    out: torch.Tensor
+    same: bool
+    chunk: int
+    precision: Precision
+    scratch: _Scratch = field(default_factory=_Scratch)
+
+    def gram(self, a: np.ndarray, b: np.ndarray | None) -> None:
+        self.out += torch.from_numpy(_gram(a, b, self.chunk, self.precision))
+
+    def materialized(self, f: LinearFactors, side: str) -> np.ndarray:
+        rows = self.out.shape[0 if side == "a" else 1]
+        return f.materialize(rows, out=self.scratch.get(side, rows, f.n_params)).numpy()
+
+
+def _linear_pair(fa: LinearFactors, fb: LinearFactors, tile: _Tile) -> None:
+    """One Linear weight's part of the tile, by the per-token formula or materialised gradients, whichever is cheaper."""
+    (ra, rb), na, nb, p = tile.out.shape, len(fa.row), len(fb.row), fa.n_params
     d = fa.a.shape[1] + fa.g.shape[1]
     token_cost = na * nb * d
     dense_cost = (na + nb) * p + ra * rb * p
-    if same:
+    if tile.same:
         token_cost /= 2
         dense_cost = na * p + ra * ra * p / 2
     if token_cost <= dense_cost:
-        t = [torch.from_numpy(x) for x in (fa.a, fa.g, fa.row, fb.a, fb.g, fb.row)]
-        _token_formula(t[0], t[1], t[2], t[3], t[4], t[5], out)
+        _token_formula(_Tokens.of(fa.a, fa.g, fa.row), _Tokens.of(fb.a, fb.g, fb.row), tile.out)
         return
-    ga = fa.materialize(ra, out=scratch.get("a", ra, p)).numpy()
-    gb = None if same else fb.materialize(rb, out=scratch.get("b", rb, p)).numpy()
-    out += torch.from_numpy(_gram(ga, gb, chunk, precision))
+    tile.gram(tile.materialized(fa, "a"), None if tile.same else tile.materialized(fb, "b"))
 
 
 def _embedding_pair(ea: EmbeddingFactors, eb: EmbeddingFactors, out: torch.Tensor) -> None:
-    t = [torch.from_numpy(x) for x in (ea.ids, ea.g, ea.row, eb.ids, eb.g, eb.row)]
-    _token_formula(None, t[1], t[2], None, t[4], t[5], out, ids1=t[0], ids2=t[3])
+    _token_formula(_Tokens.of(ea.ids, ea.g, ea.row), _Tokens.of(eb.ids, eb.g, eb.row), out, ids=True)
 
 
 def feature_tile(
@@ -137,32 +162,29 @@ def _feature_tile(fa: FeatureBlock, fb: FeatureBlock, *, chunk: int, precision: 
     """Body of :func:`feature_tile`."""
     if fa.n_outputs != fb.n_outputs or fa.keys() != fb.keys():
         raise ValueError("feature_tile: the two blocks cover different parameters or outputs")
-    same = _same(fa, fb)
-    ra, rb = fa.rows, fb.rows
-    out = torch.zeros(ra, rb, dtype=torch.float64)
+    tile = _Tile(torch.zeros(fa.rows, fb.rows, dtype=torch.float64), _same(fa, fb), chunk, precision)
     lin_a = {f.key: f for f in fa.linear}
     lin_b = {f.key: f for f in fb.linear}
-    scratch = _Scratch()
     if fa.columns.spans == fb.columns.spans:
         if fa.dense.shape[1]:
-            out += torch.from_numpy(_gram(fa.dense, None if same else fb.dense, chunk, precision))
+            tile.gram(fa.dense, None if tile.same else fb.dense)
     else:  # the blocks materialised different layers: per parameter tensor
         for key, (s, e) in fa.columns.spans.items():
             if key in fb.columns.spans:
                 s2, e2 = fb.columns.spans[key]
-                out += torch.from_numpy(_gram(fa.dense[:, s:e], fb.dense[:, s2:e2], chunk, precision))
+                tile.gram(fa.dense[:, s:e], fb.dense[:, s2:e2])
             else:
-                out += torch.from_numpy(_gram(fa.dense[:, s:e], lin_b[key].materialize(rb, out=scratch.get("b", rb, e - s)).numpy(), chunk, precision))
+                tile.gram(fa.dense[:, s:e], tile.materialized(lin_b[key], "b"))
         for key, (s2, e2) in fb.columns.spans.items():
             if key not in fa.columns.spans:
-                out += torch.from_numpy(_gram(lin_a[key].materialize(ra, out=scratch.get("a", ra, e2 - s2)).numpy(), fb.dense[:, s2:e2], chunk, precision))
+                tile.gram(tile.materialized(lin_a[key], "a"), fb.dense[:, s2:e2])
     for key, f in lin_a.items():
         if key in lin_b:
-            _linear_pair(f, lin_b[key], ra, rb, same, chunk, precision, out, scratch)
+            _linear_pair(f, lin_b[key], tile)
     emb_b = {e.key: e for e in fb.embedding}
     for e in fa.embedding:
-        _embedding_pair(e, emb_b[e.key], out)
-    k = out.numpy()
+        _embedding_pair(e, emb_b[e.key], tile.out)
+    k = tile.out.numpy()
     c = fa.n_outputs
     if c == 1:
         return k

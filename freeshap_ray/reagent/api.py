@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ReagentConfig, ReagentEvalConfig, ReagentPromptsConfig, _build
+from ..config import ReagentConfig, ReagentEvalConfig, ReagentPromptsConfig, build_section
 from ..errors import ConfigError
 from .algorithm import TargetResult
 from .html import heatmap_html
@@ -123,9 +123,9 @@ def _settings(config, overrides: dict, replacer, prompt_keys: dict, eval_keys: d
             raise ConfigError("replacer: give sampler=NAME or replacer=SAMPLER, not both")
     cfg = config or ReagentConfig()
     if overrides:
-        cfg = _build(ReagentConfig, {**dataclasses.asdict(cfg), **overrides}, "reagent.")
-    _build(ReagentPromptsConfig, prompt_keys, "prompts.")  # type and range checks only
+        cfg = build_section(ReagentConfig, {**dataclasses.asdict(cfg), **overrides}, "reagent.")
+    build_section(ReagentPromptsConfig, prompt_keys, "prompts.")  # type and range checks only
     baselines = eval_keys["baselines"]
     eval_keys["baselines"] = list(baselines) if isinstance(baselines, (list, tuple)) else baselines
-    evaluation = _build(ReagentEvalConfig, {**eval_keys, "seed": cfg.seed}, "evaluation.")
+    evaluation = build_section(ReagentEvalConfig, {**eval_keys, "seed": cfg.seed}, "evaluation.")
     return cfg, evaluation

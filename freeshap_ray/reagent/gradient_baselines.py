@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .algorithm import Target
 from .metrics import random_scores
 
 __all__ = ["BASELINES", "baseline_scores"]
@@ -59,15 +60,16 @@ def _eager_attention(model):
             model.set_attn_implementation(old)
 
 
-def baseline_scores(method: str, model, context: np.ndarray, target_id: int, replaceable: np.ndarray, *,
-                    ig_steps: int = 32, seed: int = 0, prompt_id: int = 0, position: int = 0) -> np.ndarray:
-    """(T,) scores of ``method`` for predicting ``target_id`` after ``context``."""
-    context = np.array(context, dtype=np.int64)  # writable copy (Ray arrays are read-only)
+def baseline_scores(method: str, model, target: Target, replaceable: np.ndarray, *, ig_steps: int = 32,
+                    seed: int = 0) -> np.ndarray:
+    """(T,) scores of ``method`` for predicting ``target.target_id`` after ``target.context``."""
+    context = np.array(target.context, dtype=np.int64)  # writable copy (Ray arrays are read-only)
+    target_id = target.target_id
     pos = np.asarray(replaceable, dtype=np.int64)
     T = len(context)
     if method == "random":
         raw = np.zeros(T)
-        raw[pos] = random_scores(len(pos), seed=seed, prompt_id=prompt_id, position=position)
+        raw[pos] = random_scores(len(pos), seed=seed, prompt_id=target.prompt_id, position=target.position)
         return _normalise(raw, pos, T)
     if method not in BASELINES:
         raise ConfigError(f"evaluation.baselines: unknown method {method!r} (known: {list(BASELINES)})")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .algorithm import Target
+
 __all__ = ["hellinger", "soft_faithfulness", "random_scores", "FLOOR"]
 
 FLOOR = 1e-6
@@ -43,16 +45,15 @@ def _probs_from_embeds(model, embeds: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits, dim=-1).cpu().numpy()
 
 
-def soft_faithfulness(model, context: np.ndarray, target_id: int, scores: np.ndarray, replaceable: np.ndarray, *,
-                      n_samples: int = 16, seed: int = 0, prompt_id: int = 0, position: int = 0,
-                      reference_scores: np.ndarray | None = None) -> dict[str, float]:
-    """Soft-NS/Soft-NC of ``scores`` (T,) and of random importances for one target.
+def soft_faithfulness(model, target: Target, scores: np.ndarray, replaceable: np.ndarray, *, n_samples: int = 16,
+                      seed: int = 0, reference_scores: np.ndarray | None = None) -> dict[str, float]:
+    """Soft-NS/Soft-NC of ``scores`` (T,) and of random importances for one target (the whole next-token
+    distribution after ``target.context`` is compared, not only ``target.target_id``'s probability).
 
     Returns ``soft_ns, soft_nc, soft_ns_random, soft_nc_random, log_soft_ns, log_soft_nc`` (floats).
-    ``target_id`` is unused by the distribution-level metrics; kept for a uniform signature.
     """
-    del target_id
-    context = np.array(context, dtype=np.int64)  # writable copy (Ray arrays are read-only)
+    context = np.array(target.context, dtype=np.int64)  # writable copy (Ray arrays are read-only)
+    prompt_id, position = target.prompt_id, target.position
     pos = np.asarray(replaceable, dtype=np.int64)
     zero = dict(soft_ns=0.0, soft_nc=0.0, soft_ns_random=0.0, soft_nc_random=0.0, log_soft_ns=0.0, log_soft_nc=0.0)
     if pos.size == 0:

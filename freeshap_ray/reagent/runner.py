@@ -177,16 +177,15 @@ class ReagentRunner:
         for m in ev.baselines:
             methods[m] = []
             for t in targets:
-                s = baseline_scores(m, self.model, t.context, t.target_id, self.engine.replaceable(t.context),
-                                    ig_steps=ev.ig_steps, seed=ev.seed, prompt_id=t.prompt_id, position=t.position)
+                s = baseline_scores(m, self.model, t, self.engine.replaceable(t.context), ig_steps=ev.ig_steps,
+                                    seed=ev.seed)
                 methods[m].append(s)
                 out.attributions += self._records(m, t, s, True, 0, "")
         if ev.metrics:
             for m, all_scores in methods.items():
                 for t, s in zip(targets, all_scores):
-                    met = soft_faithfulness(self.model, t.context, t.target_id, s, self.engine.replaceable(t.context),
-                                            n_samples=ev.metric_samples, seed=ev.seed, prompt_id=t.prompt_id,
-                                            position=t.position)
+                    met = soft_faithfulness(self.model, t, s, self.engine.replaceable(t.context),
+                                            n_samples=ev.metric_samples, seed=ev.seed)
                     out.metrics.append(dict(method=m, prompt_id=t.prompt_id, target_pos=t.position, **met))
         out.stats = dict(
             targets=len(targets), reagent_seconds=t_reagent, evaluation_seconds=time.perf_counter() - t1,
