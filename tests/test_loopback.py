@@ -1,5 +1,6 @@
 """The embedded Ray of a job listens on loopback only: every listening TCP socket of a job's own process
-session (the driver, GCS, raylet, workers, agents) is bound to 127.0.0.1 or ::1.
+session (the driver, GCS, raylet, workers, agents) is bound to a loopback address (127.0.0.1, ::1 or the
+IPv4-mapped ::ffff:127.0.0.1) — none to 0.0.0.0, ::, or an external interface.
 
 The job runs in a process of its own (``python -m freeshap_ray run``), started in a new session; while it runs,
 the sockets of every process in that session are read from /proc (Linux only).
@@ -7,6 +8,7 @@ the sockets of every process in that session are read from /proc (Linux only).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import struct
@@ -106,4 +108,12 @@ def test_job_embedded_ray_listens_on_loopback_only(tmp_path):
     # we watched the job's own Ray (its GCS and raylet ran in the job's session), and it did listen
     assert any("gcs_server" in c for c in comms) and any("raylet" in c for c in comms), comms
     assert seen, "no listening socket of the job's Ray was seen"
-    assert set(seen) <= {"127.0.0.1", "::1"}, {ip: sorted(n) for ip, n in seen.items()}
+    outside = {ip: sorted(n) for ip, n in seen.items() if not _loopback(ip)}
+    assert not outside, outside
+
+
+def _loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped IPv6 loopback address (``::ffff:127.0.0.1``, gRPC's dual-stack form)."""
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
