@@ -100,6 +100,8 @@ def plan_signature(train_texts, test_texts, model_cfg: ModelConfig, cfg: KernelC
     h = hashlib.sha256()
     h.update(json.dumps(config_to_dict(model_cfg), sort_keys=True).encode())
     h.update(json.dumps({"kind": cfg.kind, "block_size": cfg.block_size}).encode())
+    if cfg.projection_dim:  # projected and exact tiles never mix (exact plans keep their old signature)
+        h.update(json.dumps({"projection_dim": cfg.projection_dim, "projection_seed": cfg.projection_seed}).encode())
     for split in (train_texts, test_texts):
         h.update(str(len(split)).encode())
         for t in split:
@@ -187,7 +189,8 @@ def _make_actors(model_dir: Path, model_cfg: ModelConfig, cfg: KernelConfig, sha
             actor_cls.options(**opts).remote(
                 str(model_dir), model_cfg, cfg.kind, param_names=shards[a % len(shards)], threads=threads, device=device,
                 method=cfg.method, precision=cfg.precision, feature_memory_gb=cfg.feature_memory_gb,
-                micro_batch_tokens=cfg.micro_batch_tokens,
+                micro_batch_tokens=cfg.micro_batch_tokens, projection_dim=cfg.projection_dim,
+                projection_seed=cfg.projection_seed,
             )
         )
     return actors
