@@ -5,16 +5,18 @@ over tensors, so K̂ = Σ_t ⟨R_t g_t, R_t g'_t⟩ and E[K̂] = K whenever ever
 
 **Forms.**
 
-- ``kron``: a matrix-shaped gradient G = Σ_τ l_τ r_τᵀ (L × R) — an ``nn.Linear`` weight (l = output-gradient,
-  r = input; L = d_out, R = d_in) or an ``nn.Embedding`` table (l = one-hot token id, r = output-gradient;
-  L = vocabulary, R = dim) — is projected as vec(R_L G R_Rᵀ) = Σ_τ (R_L l_τ) ⊗ (R_R r_τ): per token the two
-  factors are projected and the outer products summed, so no per-example gradient is formed. Cost per
-  token L·k_L + R·k_R + k_L·k_R (an embedding's R_L l_τ is a row gather), vs L·R·D_t for a dense
-  projection of the materialised gradient. With ``ProjectionSpec.kron_block = s > 0`` (default 4) the
+- ``kron``: a matrix-shaped gradient G (L × R) is projected as vec(R_L G R_Rᵀ), R_L (k_L × L), R_R (k_R × R).
+  For an ``nn.Linear`` weight (G = Σ_τ l_τ r_τᵀ, l = output-gradient, r = input; L = d_out, R = d_in) and an
+  ``nn.Embedding`` table (l = one-hot token id, r = output-gradient; L = vocabulary, R = dim) the hook pass
+  computes it as Σ_τ (R_L l_τ) ⊗ (R_R r_τ): per token the two factors are projected and the outer
+  products summed, so no per-example gradient is formed. Cost per token L·k_L + R·k_R + k_L·k_R (an
+  embedding's R_L l_τ is a row gather), vs L·R·D_t for a dense projection of the materialised gradient.
+  Any other tensor of two or more dimensions (viewed as shape[0] × rest) is projected the same way from
+  its materialised per-row gradient. With ``ProjectionSpec.kron_block = s > 0`` (default 4) the
   D_t dimensions are m = ⌊D_t / s²⌋ independent Kronecker blocks of s × s, each scaled by 1/√m: R_L and R_R
   are then stacks of m blocks (m·s rows) and only the diagonal blocks of the outer products are summed
   (cost per token (L + R)·m·s + D_t = (L + R)·D_t/s + D_t).
-- ``dense``: any other tensor (biases, norms, generic modules) is projected from its per-row gradient g
+- ``dense``: one-dimensional tensors (biases, norms) are projected from its per-row gradient g
   (rows, P_t) as g R_tᵀ, R_t (D_t, P_t) generated in column chunks of :data:`CHUNK_COLS` (memory bounded for
   any P_t).
 
@@ -28,9 +30,10 @@ row) multiplies two independent estimates, relative variance ≈ 2/k_L + 2/k_R +
 balanced sides, k_L = k_R = √D_t, so it falls only like D_t^(-1/2) in variance (error ∝ D_t^(-1/4));
 m = D_t/s² blocks of s × s average m such estimates: ≈ (4/s + 4/s²)/m = (4s + 4)/D_t, i.e. 20/D_t for
 s = 4 (dense: 2/D_t). That costs (L + R)·D_t/s flops per token instead of (L + R)·√D_t, which is small
-next to the forward and backward pass for total budgets D of thousands spread over the layers (on the
-MiniLM cleaning config, D = 8,192: 3× lower kernel error at the same wall time). Gradients summed over
-many tokens behave more like dense ones.
+next to the forward and backward pass for total budgets D of thousands spread over the layers. MiniLM,
+32 texts, D = 8,192, relative Frobenius error of K̂ (mean of 12 seeds): 0.005 with s = 4 vs 0.023 with one
+product on the cleaning selection (attention output + head), 0.045 vs 0.087 on the whole last block, at
+the same wall time per block. Gradients summed over many tokens behave more like dense ones.
 
 **Budget rule** (:func:`allocate`, deterministic). With T selected tensors of sizes P_t (P = Σ P_t):
 
@@ -51,8 +54,8 @@ many tokens behave more like dense ones.
    ones leave is dropped, so the plan's :attr:`ProjectionPlan.dim` (≤ D) is the actual total.
 
 **Determinism.** Every matrix comes from a numpy PCG64 stream seeded by blake2b(seed, parameter name, part)
-(never Python's salted ``hash``), generated in float32 on the CPU (bitwise the same on every machine) and
-then moved to the module's device; per process they are cached (:data:`CACHE_BYTES`). Every actor and node
+(never Python's salted ``hash``), generated in float32 on the CPU (numpy's ziggurat: bitwise the same on
+every machine with the same numpy release) and then moved to the module's device; per process they are cached (:data:`CACHE_BYTES`). Every actor and node
 therefore builds the same projections and nothing is shipped.
 """
 
@@ -385,23 +388,21 @@ class ProjectionPlan:
 
 
 def tensor_forms(model: nn.Module, names: list[str]) -> list[tuple[str, tuple[int, ...], Form]]:
-    """(name, shape, form) of each selected tensor: ``kron`` (L, R) for Linear/Embedding weights, else
-    ``dense`` (P_t,)."""
-    wanted = set(names)
-    found: dict[str, tuple[tuple[int, ...], Form]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            if full not in wanted or full in found:
-                continue
-            if pname == "weight" and isinstance(mod, (nn.Linear, nn.Embedding)) and p.ndim == 2:
-                found[full] = (tuple(p.shape), "kron")
-            else:
-                found[full] = ((p.numel(),), "dense")
-    missing = [n for n in names if n not in found]
+    """(name, shape, form) of each selected tensor: ``kron`` (shape[0], numel / shape[0]) for tensors of two
+    or more dimensions (Linear and Embedding weights, and any other matrix: a dense projection of it would
+    need a P_t × D_t matrix), ``dense`` (P_t,) for the others (biases, norms)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"tensor_forms: parameters not found in the model: {missing[:3]}")
-    return [(n, *found[n]) for n in names]
+    out: list[tuple[str, tuple[int, ...], Form]] = []
+    for n in names:
+        p = params[n]
+        if p.ndim >= 2:
+            out.append((n, (p.shape[0], p.numel() // p.shape[0]), "kron"))
+        else:
+            out.append((n, (p.numel(),), "dense"))
+    return out
 
 
 def plan_projection(spec: ProjectionSpec, tensors: list[tuple[str, tuple[int, ...], Form]]) -> ProjectionPlan:
