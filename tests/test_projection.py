@@ -75,8 +75,8 @@ def explicit_matrix(tp: TensorProjection) -> torch.Tensor:
     lt = torch.eye(big_l) if lt is None else lt
     rt = torch.eye(big_r) if rt is None else rt
     kl, kr = tp.k_left, tp.k_right
-    blocks = [torch.kron(lt[:, j * kl:(j + 1) * kl].T.contiguous().double(), rt[:, j * kr:(j + 1) * kr].T.contiguous().double())
-              for j in range(tp.blocks)]
+    blocks = [torch.kron(lt[:, j * kl:(j + 1) * kl].T.contiguous().double(),
+                         rt[:, j * kr:(j + 1) * kr].T.contiguous().double()) for j in range(tp.blocks)]
     return torch.cat(blocks)
 
 
@@ -143,8 +143,8 @@ def test_plan_factors_kronecker_tensors_within_caps(block):
     """MiniLM-like shapes: k ≤ side, D_t = m·k_L·k_R, identity sides only where the cap is reached, and
     the factoring loses less than one side (or one block) in total thanks to the carry."""
     shapes = [("q.weight", (384, 384), "kron"), ("q.bias", (384,), "dense"), ("up.weight", (1536, 384), "kron"),
-              ("down.weight", (384, 1536), "kron"), ("ln.weight", (384,), "dense"), ("emb.weight", (30522, 384), "kron"),
-              ("head.weight", (2, 384), "kron")]
+              ("down.weight", (384, 1536), "kron"), ("ln.weight", (384,), "dense"),
+              ("emb.weight", (30522, 384), "kron"), ("head.weight", (2, 384), "kron")]
     for dim in (64, 1000, 8192, 100_000):
         plan = plan_projection(ProjectionSpec(dim, 0, block), shapes)
         assert plan.dim <= dim
@@ -336,10 +336,11 @@ def test_projected_kernel_is_unbiased(arch):
     z = NormalDist().inv_cdf(1 - 1e-3 / (2 * 80))
     for kind in ("first_logit", "full"):
         want = reference_kernel(ref, ref, kind)
-        est = np.stack([
-            feature_tile(*2 * [block_features(clf, batch, names, kind, projection=plan_projection(ProjectionSpec(dim, s), forms))])
-            for s in range(s_count)
-        ])
+        est = []
+        for s in range(s_count):
+            f = block_features(clf, batch, names, kind, projection=plan_projection(ProjectionSpec(dim, s), forms))
+            est.append(feature_tile(f, f))
+        est = np.stack(est)
         mean, se = est.mean(0), est.std(0, ddof=1) / math.sqrt(s_count)
         assert np.all(np.abs(mean - want) <= z * se)
         assert rel_err(est[0], want) > 1e-2

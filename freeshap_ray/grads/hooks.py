@@ -265,7 +265,8 @@ def _projected_features_of_call(mod, params, x, g, n_out, global_rows, acc: _Acc
             active &= ids != mod.padding_idx
         r_idx, t_idx = active.nonzero(as_tuple=True)
         for name, _ in params:
-            acc.add_dense(name, global_rows, proj[name].project_tokens(ids[r_idx, t_idx], gg[r_idx, t_idx], r_idx, rows))
+            feats = proj[name].project_tokens(ids[r_idx, t_idx], gg[r_idx, t_idx], r_idx, rows)
+            acc.add_dense(name, global_rows, feats)
         return
     per_row = _generic_per_row(mod, params, x, g, n_out)
     for name, attr in params:

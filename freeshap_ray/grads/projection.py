@@ -55,8 +55,8 @@ the same wall time per block. Gradients summed over many tokens behave more like
 
 **Determinism.** Every matrix comes from a numpy PCG64 stream seeded by blake2b(seed, parameter name, part)
 (never Python's salted ``hash``), generated in float32 on the CPU (numpy's ziggurat: bitwise the same on
-every machine with the same numpy release) and then moved to the module's device; per process they are cached (:data:`CACHE_BYTES`). Every actor and node
-therefore builds the same projections and nothing is shipped.
+every machine with the same numpy release), then moved to the module's device and cached per process
+(:data:`CACHE_BYTES`). Every actor and node therefore builds the same projections and nothing is shipped.
 """
 
 from __future__ import annotations
