@@ -132,6 +132,13 @@ class KernelConfig:
     ``precision``: ``mixed`` (float32 GEMMs over ≤ 8,192 parameters summed in float64: ~4× faster than
     ``float64`` GEMMs on CPU, relative error ~1e-7, the size of the float32 gradients' own rounding).
 
+    ``projection_dim``: D > 0 replaces each example's gradient by a D-dimensional random projection φ(x)
+    (seeded by ``projection_seed`` and the parameter names), so tiles are ⟨φ(x), φ(x')⟩, an unbiased
+    estimate of the eNTK (:mod:`freeshap_ray.grads.projection` states the budget rule); 0 is exact.
+    ``projection_block``: matrix-shaped tensors (Linear weights, embeddings) are projected as independent
+    Kronecker blocks of at most ``s × s`` (``0``: one Kronecker product per tensor, noisier on layers that
+    only the read position reaches).
+
     ``backend``: ``torch`` (every actor holds the whole model) or ``deepspeed`` (the ``num_actors`` actors
     are the ranks of one DeepSpeed ZeRO-3 group, each holding 1/``num_actors`` of every parameter, for a
     model larger than one device; each rank is its own parameter shard, so ``param_shards`` is left at 1
@@ -154,6 +161,9 @@ class KernelConfig:
     feature_memory_gb: float = 2.0
     micro_batch_tokens: int = 2048
     backend: Literal["torch", "deepspeed"] = "torch"
+    projection_dim: int = 0
+    projection_seed: int = 0
+    projection_block: int = 4
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
@@ -165,6 +175,11 @@ class KernelConfig:
         check_actor_fields(
             self, "kernel", ("block_size", "num_actors", "chunk_params", "param_shards", "micro_batch_tokens")
         )
+        for key in ("projection_dim", "projection_seed", "projection_block"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"kernel.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.projection_dim and self.backend == "deepspeed":
+            raise ConfigError("kernel.projection_dim: not supported with kernel.backend 'deepspeed' (use 0)")
         if not self.feature_memory_gb >= 0:
             raise ConfigError(f"kernel.feature_memory_gb: must be >= 0, got {self.feature_memory_gb}")
         check_resources(self.resources_per_actor, "kernel.resources_per_actor")

@@ -28,6 +28,7 @@ from torch.func import functional_call, vjp, vmap
 
 from ..models.prompt import EncodedBatch, PromptClassifier
 from .features import DenseColumns, EmbeddingFactors, FeatureBlock, LinearFactors
+from .projection import ProjectionPlan, ProjectionSpec, plan_projection, tensor_forms
 
 __all__ = ["HooksUnsupported", "block_features", "owning_modules"]
 
@@ -145,6 +146,7 @@ def _record_micro_batch(
     n_out: int,
     global_rows: torch.Tensor,
     acc: _Accumulator,
+    proj: ProjectionPlan | None = None,
 ) -> None:
     by_module: dict[nn.Module, list[tuple[str, str]]] = defaultdict(list)
     for name, (mod, attr) in owned.items():
@@ -178,7 +180,10 @@ def _record_micro_batch(
             gs[k] = None
         g = torch.stack(per_c, dim=1).reshape(b * n_out, *out.shape[1:]).detach()  # example-major rows
         del per_c, out
-        _features_of_call(mod, by_module[mod], x, g, n_out, global_rows, acc)
+        if proj is None:
+            _features_of_call(mod, by_module[mod], x, g, n_out, global_rows, acc)
+        else:
+            _projected_features_of_call(mod, by_module[mod], x, g, n_out, global_rows, acc, proj)
         del x, g
 
 
@@ -210,7 +215,13 @@ def _features_of_call(mod, params, x, g, n_out, global_rows, acc: _Accumulator) 
         for name, _ in params:
             acc.embedding[name].append((ids[r_idx, t_idx].cpu(), gg[r_idx, t_idx].cpu(), global_rows[r_idx.cpu()]))
         return
-    # Generic module: per-row vjp of the module alone with respect to its own selected parameters.
+    per_row = _generic_per_row(mod, params, x, g, n_out)
+    for name, attr in params:
+        acc.add_dense(name, global_rows, per_row[attr].reshape(rows, -1))
+
+
+def _generic_per_row(mod, params, x, g, n_out) -> dict[str, torch.Tensor]:
+    """Per-row gradients of a generic module's own parameters: vjp of the module alone on its input."""
     xr = _rows_of(x, n_out)
     p0 = {attr: getattr(mod, attr).detach() for _, attr in params}
 
@@ -219,11 +230,47 @@ def _features_of_call(mod, params, x, g, n_out, global_rows, acc: _Accumulator) 
         return pull(gi)[0]
 
     try:
-        per_row = vmap(one)(xr, g)
+        return vmap(one)(xr, g)
     except Exception as err:  # noqa: BLE001 - any failure means this module is not supported here
         raise HooksUnsupported(f"{type(mod).__name__}: per-row vjp failed: {err}") from err
+
+
+def _projected_features_of_call(mod, params, x, g, n_out, global_rows, acc: _Accumulator,
+                                proj: ProjectionPlan) -> None:
+    """Projected features (rows, D_t) of one recorded call: Linear weights and embedding tables by the
+    Kronecker token form (per-example gradients never formed), everything else by projecting its per-row
+    gradient."""
+    rows = g.shape[0]
+    if isinstance(mod, nn.Linear):
+        d_in, d_out = mod.in_features, mod.out_features
+        gg = g.reshape(rows, -1, d_out).float()
+        for name, attr in params:
+            if attr == "bias":
+                acc.add_dense(name, global_rows, proj[name].project(gg.sum(1)))
+            elif attr == "weight":
+                r_idx, t_idx = (gg != 0).any(-1).nonzero(as_tuple=True)
+                xa = x.reshape(x.shape[0], -1, d_in)
+                a = xa[torch.div(r_idx, n_out, rounding_mode="floor"), t_idx].float()  # inputs are per example
+                acc.add_dense(name, global_rows, proj[name].project_tokens(gg[r_idx, t_idx], a, r_idx, rows))
+            else:  # pragma: no cover - nn.Linear has no other parameters
+                raise HooksUnsupported(f"{name}: unexpected Linear parameter")
+        return
+    if isinstance(mod, nn.Embedding):
+        if mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse:
+            raise HooksUnsupported("nn.Embedding with max_norm/scale_grad_by_freq/sparse")
+        ids = _rows_of(x.reshape(x.shape[0], -1), n_out)
+        gg = g.reshape(rows, -1, mod.embedding_dim).float()
+        active = (gg != 0).any(-1)
+        if mod.padding_idx is not None:
+            active &= ids != mod.padding_idx
+        r_idx, t_idx = active.nonzero(as_tuple=True)
+        for name, _ in params:
+            feats = proj[name].project_tokens(ids[r_idx, t_idx], gg[r_idx, t_idx], r_idx, rows)
+            acc.add_dense(name, global_rows, feats)
+        return
+    per_row = _generic_per_row(mod, params, x, g, n_out)
     for name, attr in params:
-        acc.add_dense(name, global_rows, per_row[attr].reshape(rows, -1))
+        acc.add_dense(name, global_rows, proj[name].project(per_row[attr].reshape(rows, -1)))
 
 
 def block_features(
@@ -234,6 +281,7 @@ def block_features(
     *,
     max_tokens: int = 2048,
     dense_budget_bytes: int = 2 << 30,
+    projection: ProjectionSpec | ProjectionPlan | None = None,
 ) -> FeatureBlock:
     """Gradient features of one block of B examples over the selected parameters ``names``.
 
@@ -245,12 +293,19 @@ def block_features(
         max_tokens: padded tokens per micro-batch (examples are grouped by length to limit padding).
         dense_budget_bytes: at most this many bytes of materialised Linear-weight gradients per block;
             layers beyond it stay as token factors and are materialised tile by tile.
+        projection: None for exact features; else random-projected features
+            (:mod:`freeshap_ray.grads.projection`; a spec is planned over ``names``, a plan — built over
+            the whole selection when ``names`` is a parameter shard — is used as is).
 
     Returns:
         A :class:`FeatureBlock` whose Gram with another block (``kernel.features.feature_tile``) is the
-        eNTK tile, exactly (up to float rounding) what the explicit per-example Jacobians give.
+        eNTK tile, exactly (up to float rounding) what the explicit per-example Jacobians give. Projected:
+        only ``dense`` (R, Σ_{names} D_t) float32, each parameter's span in the projected space in
+        ``columns``; its Gram is an unbiased estimate of the eNTK tile.
     """
     owned = owning_modules(clf, names)
+    if isinstance(projection, ProjectionSpec):
+        projection = plan_projection(projection, tensor_forms(clf, names))
     n_out = 1 if kind == "first_logit" else clf.n_classes
     b = len(batch)
     acc = _Accumulator(b * n_out)
@@ -263,7 +318,9 @@ def block_features(
             )
             ex = torch.from_numpy(idx).long()
             rows = (ex[:, None] * n_out + torch.arange(n_out)[None, :]).reshape(-1)
-            _record_micro_batch(clf, sub, owned, n_out, rows, acc)
+            _record_micro_batch(clf, sub, owned, n_out, rows, acc, projection)
+    if projection is not None:
+        return _assemble_projected(acc, names, projection, b, n_out)
     sizes = {n: getattr(m, a).numel() for n, (m, a) in owned.items()}
     return _assemble(acc, names, sizes, b, n_out, dense_budget_bytes)
 
@@ -319,3 +376,13 @@ def _assemble(
         else:
             dense[:, s:e] = src
     return FeatureBlock(b, n_out, dense.numpy(), columns, linear, embedding)
+
+
+def _assemble_projected(acc: _Accumulator, names: list[str], proj: ProjectionPlan, b: int, n_out: int) -> FeatureBlock:
+    columns = DenseColumns()
+    dense = torch.zeros(b * n_out, proj.dims(names))
+    for name in names:  # model order; a tensor whose module never ran keeps zero features
+        s, e = columns.add(name, proj[name].dim)
+        if name in acc.dense:
+            dense[:, s:e] = acc.dense.pop(name)
+    return FeatureBlock(b, n_out, dense.numpy(), columns)

@@ -41,6 +41,9 @@ def plan_signature(train_texts, test_texts, model_cfg: ModelConfig, cfg: KernelC
     h = hashlib.sha256()
     h.update(json.dumps(config_to_dict(model_cfg), sort_keys=True).encode())
     h.update(json.dumps({"kind": cfg.kind, "block_size": cfg.block_size}).encode())
+    if cfg.projection_dim:  # projected and exact tiles never mix (exact plans keep their old signature)
+        h.update(json.dumps({"projection_dim": cfg.projection_dim, "projection_seed": cfg.projection_seed,
+                             "projection_block": cfg.projection_block}).encode())
     for split in (train_texts, test_texts):
         h.update(str(len(split)).encode())
         for t in split:
