@@ -1,12 +1,14 @@
 """freeshap_ray: Ray-native FreeShap instance attribution for language models.
 
-Public API: :func:`shapley`, :func:`load_kernel`, :class:`ValuesResult`, :func:`load_config`,
-:class:`JobConfig`, :func:`run_job`, :func:`reagent_attribute` (ReAGent token attribution of a causal LM).
+Public API: :func:`shapley`, :func:`read_kernel` (a typed :class:`Kernel`; :func:`load_kernel` returns the
+same as a mapping), :class:`ValuesResult`, :func:`load_config`, :class:`JobConfig`, :func:`run_job`,
+:func:`reagent_attribute` (ReAGent token attribution of a causal LM).
 """
 
 from __future__ import annotations
 
-from .api import load_kernel, shapley
+from .api import shapley
+from .io import Kernel, load_kernel, read_kernel
 from .config import JobConfig, load_config
 from .errors import FreeShapError
 from .values import ValuesResult
@@ -14,7 +16,8 @@ from .values import ValuesResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "FreeShapError", "JobConfig", "ValuesResult", "load_config", "load_kernel", "reagent_attribute", "run_job", "shapley",
+    "FreeShapError", "JobConfig", "Kernel", "ValuesResult", "load_config", "load_kernel", "read_kernel",
+    "reagent_attribute", "run_job", "shapley",
     "__version__",
 ]
 

@@ -1,4 +1,4 @@
-"""Public Python API: value training examples from precomputed kernels, read a run's kernel."""
+"""Public Python API: value training examples from precomputed kernels."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from typing import Literal
 
 import numpy as np
 
-from .io import load_kernel
 from .utility import RegressionProblem, UtilitySpec
 from .values import ValuesResult
 
-__all__ = ["load_kernel", "shapley"]
+__all__ = ["shapley"]
 
 
 def shapley(
