@@ -138,6 +138,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     def report(stage: str, info: dict) -> None:
         layout = Layout.of(cfg.output)
         if stage == "kernel":
+            if "data_summary" in info:
+                d = info["data_summary"]
+                dropped = (f"; data.dedupe={d['dedupe']['mode']} dropped {d['dedupe']['train_dropped']} repeated and "
+                           f"{d['dedupe']['test_dropped']} test-in-train texts" if "dedupe" in d else "")
+                print(f"data: {d['n_train']} training and {d['n_test']} test texts{dropped}; repeated training texts: "
+                      f"{d['train_repeats']}, test texts also in training (leakage): {d['test_in_train']}")
             how = "reused the finished kernel" if info.get("reused") else f"in {info['seconds']['total']:.1f} s"
             print(f"kernel: {info['n_train']}x{info['n_train']} + {info['n_test']}x{info['n_train']} "
                   f"({info['kind']}, {info['n_params']:,} parameters) {how} -> {display(layout.kernel_dir)}")

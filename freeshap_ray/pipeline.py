@@ -146,10 +146,11 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     info["condition_number_first_logit"] = condition_number(k)
     info["diag_mean"] = float(np.diagonal(k).mean())
     store.finish(info)
-    data_info = {"data": splits.source, "model_dir": str(stage.job.model_dir)}
+    data_info = {"data": splits.source, "model_dir": str(stage.job.model_dir), "data_summary": splits.summary()}
     if splits.duplicates is not None:
         data_info["duplicates"] = splits.duplicates.counts()
     _record(layout, cfg, "kernel", {**info, **data_info})
+    info["data_summary"] = data_info["data_summary"]
     return info
 
 

@@ -258,7 +258,13 @@ def test_tiny_job_writes_duplicates(ray_local, tmp_path, capsys):
     stage = json.loads((out / "manifest.json").read_text())["stages"]["kernel"]
     assert stage["duplicates"] == {"mode": "normalized", "train_dropped": 4, "test_dropped": 3,
                                    "conflicts": len(conflicts)}
+    assert stage["data_summary"]["test_in_train"] == 0 and stage["data_summary"]["train_repeats"] == 0
+    printed = capsys.readouterr().out
+    assert "repeated training texts: 0, test texts also in training (leakage): 0" in printed
+    assert "data.dedupe=normalized dropped 4 repeated and 3 test-in-train texts" in printed
     # rerun without dedupe (another plan; the embedded quickstart config sets normalized): the stale file goes
     assert main(["kernel", *job_args(train, out, f"data.test={test}", "data.dedupe=none"), "--overwrite"]) == 0
     assert not (out / "duplicates.parquet").exists()
+    summary = json.loads((out / "manifest.json").read_text())["stages"]["kernel"]["data_summary"]
+    assert summary["test_in_train"] > 0 and summary["train_repeats"] > 0  # what the summary line then reports
     assert "duplicates" not in json.loads((out / "manifest.json").read_text())["stages"]["kernel"]

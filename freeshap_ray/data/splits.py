@@ -87,6 +87,19 @@ class Splits:
     source: dict = field(default_factory=dict)
     duplicates: Duplicates | None = None
 
+    def summary(self) -> dict[str, Any]:
+        """Sizes and the data-quality counts a user should see first: repeated training texts (exact) and test
+        texts that also occur in the training set (leakage), in the final sets, plus what ``data.dedupe`` dropped."""
+        seen = set(self.train.texts)
+        out: dict[str, Any] = {
+            "n_train": len(self.train), "n_test": len(self.test),
+            "train_repeats": len(self.train) - len(seen),
+            "test_in_train": sum(1 for t in self.test.texts if t in seen),
+        }
+        if self.duplicates is not None:
+            out["dedupe"] = self.duplicates.counts()
+        return out
+
 
 def load_splits(cfg: DataConfig, *, train: Any = None, test: Any = None) -> Splits:
     """Load, validate, split and subsample the data described by ``cfg``.
