@@ -37,6 +37,9 @@ __all__ = [
 
 CURVES = ("remove_high", "remove_low", "keep_top")
 
+#: Points per incremental update along a curve's order (bounds the (b, m, C) prefix predictions).
+_PREFIX_BLOCK = 256
+
 
 def normalise_per_class(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Scores z-normalised within each label class (a class with zero spread is only centred)."""
@@ -142,11 +145,11 @@ def prefix_utilities(problem: Problem, order: np.ndarray, sizes: np.ndarray) -> 
         if k == 0:
             out[0] = (1.0 / c, -float(np.log(c)))
             continue
-        if k > done:
-            pred = reg.extend(order[done:k])[-1]
-            done = k
-        else:  # pragma: no cover - sizes are deduplicated and sorted
-            pred = reg.predictions
+        while done < k:  # in blocks: extend returns every prefix's (m, C) predictions
+            stop = min(k, done + _PREFIX_BLOCK)
+            reg.extend(order[done:stop])
+            done = stop
+        pred = reg.predictions
         out[k] = (float(accuracy_per_test(pred, problem.y_test).mean()),
                   float(neg_cross_entropy_per_test(pred, problem.y_test).mean()))
     return out

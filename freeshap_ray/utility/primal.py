@@ -33,10 +33,14 @@ from scipy.linalg import lapack
 from ..errors import KernelError
 from .features import FeatureProblem
 
-__all__ = ["PrimalRegressor", "DEFAULT_PANEL"]
+__all__ = ["PrimalRegressor", "DEFAULT_PANEL", "MAX_UPDATE_ROWS"]
 
 #: Column panel width of the blocked Householder row update (LAPACK ``dtpqrt``'s ``nb``).
 DEFAULT_PANEL = 32
+
+#: Most rows in one orthogonal update; longer ``extend`` calls are split (the ``q×q`` corner ``Q₂₂``
+#: costs ``q²`` memory and ``4q²D + 4q³/3`` flops per update).
+MAX_UPDATE_ROWS = 256
 
 
 class PrimalRegressor:
@@ -107,6 +111,14 @@ class PrimalRegressor:
             return np.zeros((0, prob.m, prob.n_classes))
         if np.any(self._added[pts]):
             raise ValueError(f"points: training point {int(pts[self._added[pts]][0])} was already added")
+        step = max(1, MAX_UPDATE_ROWS // prob.group)
+        if pts.size > step:
+            return np.concatenate([self._update(pts[s:s + step]) for s in range(0, pts.size, step)])
+        return self._update(pts)
+
+    def _update(self, pts: np.ndarray) -> np.ndarray:
+        """One orthogonal update with the validated points ``pts``; ``(b, m, C)`` prefix predictions."""
+        prob = self.problem
         new = prob.rows(pts)
         q, g, M = new.size, prob.group, self._M
         phi_new = np.asfortranarray(prob.train_features(new))
