@@ -363,3 +363,34 @@ def test_feature_predict_matches_explicit_solve():
         assert rel(fp.predict(subset), want) <= tol
     np.testing.assert_array_equal(fp.predict(np.array([], dtype=np.int64)), np.zeros((6, 3)))
     assert UTILITIES["accuracy"](fp.predict(), yte) == full_utility(fp, "accuracy")
+
+
+def test_row_blocking_does_not_change_results(monkeypatch):
+    """Feature row blocks of 3 rows vs one block. Integer-valued features make every Gram/product entry an
+    exact float64 sum (so those are equal bit for bit); solves differ only by rounding (derived bound)."""
+    import freeshap_ray.utility.features as features
+
+    rng = np.random.default_rng(4)
+    ptr, pte = rng.integers(-3, 4, size=(40, 6)).astype(np.float16), rng.integers(-3, 4, size=(7, 6)).astype(np.float16)
+    ytr, yte = rng.integers(0, 3, 40), rng.integers(0, 3, 7)
+    fp = FeatureProblem.from_features(ptr, pte, ytr, yte, lam=1e-1, kernel_divisor=4.0)
+    Y = rng.normal(size=(7, 3))
+    one = dict(gram=fp.gram(), gram_s=fp.gram(np.arange(5, 30)), tt=fp.train_t_times(fp.T), kt=fp.kt_t_times(Y),
+               pred=fp.predict(), sur=FeatureSurrogate.fit(fp))
+    monkeypatch.setattr(features, "ROW_BLOCK_ELEMENTS", 3 * fp.dim)
+    assert fp.row_step() == 3
+    np.testing.assert_array_equal(fp.gram(), one["gram"])
+    np.testing.assert_array_equal(fp.gram(np.arange(5, 30)), one["gram_s"])
+    np.testing.assert_array_equal(fp.train_t_times(fp.T), one["tt"])
+    np.testing.assert_array_equal(fp.kt_t_times(Y), one["kt"])
+    tol = primal_tol(fp)
+    assert rel(fp.predict(), one["pred"]) <= 2 * tol
+    sur, ref = FeatureSurrogate.fit(fp), one["sur"]
+    assert rel(sur.H_blocks, ref.H_blocks) <= 2 * tol
+    # w_i = e_i / (1 - h_ii) and F - P[:, i] w_i: the solve bound times κ = 1/(1 - max h), |w| and |P|
+    X, XT = fp.train_features(), fp.test_features()
+    P = XT @ np.linalg.solve(X.T @ X + fp.lam * np.eye(fp.dim), X.T)
+    atol = 2 * tol / (1 - ref.H_blocks.max()) * (1 + np.abs(ref._w).max()) * max(1.0, np.abs(P).max())
+    np.testing.assert_allclose(sur.loo_test_predictions(np.arange(40)), ref.loo_test_predictions(np.arange(40)),
+                               rtol=0, atol=atol)
+    np.testing.assert_array_equal(sur.tracin_values(), ref.tracin_values())

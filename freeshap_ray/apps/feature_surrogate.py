@@ -104,11 +104,17 @@ class FeatureSurrogate(SurrogateMethods):
         """``(len(points), m, C)``: test predictions of the fit without each of ``points``."""
         p = self.problem
         pts = np.asarray(points, dtype=np.int64)
-        X = p.train_features(p.rows(pts))  # (b*g, D)
-        G = _trsm(self.L, np.asfortranarray(X.T)).reshape(p.dim, pts.size, p.group)
-        U = np.einsum("dbg,bgr->dbr", G, self._w[pts])  # (D, b, r)
-        delta = (self.Z.T @ U.reshape(p.dim, -1)).reshape(self.F.shape[0], pts.size, -1)  # (M, b, r)
-        return p.reshape_predictions(self.F[None] - delta.transpose(1, 0, 2))
+        out = np.empty((pts.size,) + self.F.shape)  # (b, M, r)
+        w = self._w
+        step = max(1, p.row_step() // p.group)  # points per converted feature block
+        for s in range(0, pts.size, step):
+            part = pts[s:s + step]
+            X = p.train_features(p.rows(part))  # (b*g, D)
+            G = _trsm(self.L, np.asfortranarray(X.T)).reshape(p.dim, part.size, p.group)
+            U = np.einsum("dbg,bgr->dbr", G, w[part])  # (D, b, r)
+            delta = (self.Z.T @ U.reshape(p.dim, -1)).reshape(self.F.shape[0], part.size, -1)  # (M, b, r)
+            out[s:s + part.size] = self.F[None] - delta.transpose(1, 0, 2)
+        return p.reshape_predictions(out)
 
     def influence_values(self) -> np.ndarray:
         """``(n,)`` influence-function estimate of the test squared-loss increase when ``i`` is removed."""
