@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..utility.metrics import Utility, UtilitySpec, resolve_utility
-from ..utility.problem import RegressionProblem
 from ..utility.solver import Problem, make_regressor
 
 __all__ = [
