@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "freeshap_ray"
 LAYERS = {
     "errors": 0, "config": 0, "types": 0,
     "values": 1, "data": 1, "models": 1, "grads": 1, "kernel": 1, "utility": 1, "valuation": 1, "reagent": 1,
-    "apps.finetune": 1, "apps.curves": 1, "apps.kernel_baselines": 1,
+    "apps.finetune": 1, "apps.curves": 1, "apps.kernel_baselines": 1, "apps.feature_surrogate": 1,
     "io": 2,
     "distributed": 3,
     "apps": 4, "pipeline": 4, "explain": 4,

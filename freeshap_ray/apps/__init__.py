@@ -3,13 +3,15 @@ baselines under one interface) and the HTML report.
 
 * :func:`run_clean` / ``freeshap-ray clean CONFIG``: suspects, curves, baselines, noise evaluation.
 * :func:`write_report` / ``freeshap-ray report OUT_DIR``: self-contained ``report.html``.
-* :class:`KernelSurrogate`: exact leave-one-out predictions and values, influence, from one factorisation.
+* :class:`KernelSurrogate`: exact leave-one-out predictions and values, influence, from one factorisation;
+  :class:`FeatureSurrogate` the same from features (``D×D``, nothing ``n×n``); :func:`fit_surrogate` picks.
 """
 
 from __future__ import annotations
 
-from .kernel_baselines import BASELINES, KernelSurrogate, baseline_scores, random_scores, tracin_values
+from .kernel_baselines import BASELINES, KernelSurrogate, baseline_scores, fit_surrogate, random_scores, tracin_values
 from .cleaning import inject_noise, prepare_clean, run_clean, summary_lines, write_suspects
+from .feature_surrogate import FeatureSurrogate
 from .curves import (
     CURVES,
     DetectionCurve,
@@ -27,10 +29,12 @@ __all__ = [
     "CURVES",
     "DetectionCurve",
     "FIGURE_IDS",
+    "FeatureSurrogate",
     "KernelSurrogate",
     "baseline_scores",
     "build_report",
     "detection_curve",
+    "fit_surrogate",
     "inject_noise",
     "normalise_per_class",
     "prefix_utilities",

@@ -45,7 +45,7 @@ from ..io import Kernel, Layout, RunManifest, read_duplicates, read_kernel, writ
 from ..io.apps_store import SUSPECTS_SCHEMA, write_curves, write_detection, write_scores
 from ..io.atomic import atomic_path
 from ..utility import RegressionProblem
-from .kernel_baselines import KernelSurrogate, baseline_scores
+from .kernel_baselines import SurrogateMethods, baseline_scores, fit_surrogate
 from .curves import detection_curve, normalise_per_class, random_curves, rank_order, removal_curves
 
 __all__ = ["inject_noise", "prepare_clean", "run_clean", "write_suspects"]
@@ -281,7 +281,7 @@ def _noisy_values(inp: CleanInputs, noisy: np.ndarray, progress: bool) -> tuple[
     return run.values.values, run.values.stderr, info
 
 
-def _all_scores(inp: CleanInputs, problem: RegressionProblem, values: np.ndarray, surrogate: KernelSurrogate,
+def _all_scores(inp: CleanInputs, problem: RegressionProblem, values: np.ndarray, surrogate: SurrogateMethods,
                 seed_offset: int) -> dict[str, np.ndarray]:
     cc = inp.cfg.clean
     out = {"freeshap": values}
@@ -320,7 +320,7 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
     if cc.use_kernel:
         t = time.perf_counter()
         problem = inp.problem(inp.labels)
-        surrogate = KernelSurrogate.fit(problem)
+        surrogate = fit_surrogate(problem)
         loo_pred = surrogate.loo_train_predictions()
         cols["predicted_label"] = np.argmax(loo_pred, axis=1)
         cols["loo_margin"] = surrogate.loo_margin()
@@ -365,7 +365,7 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
         timings["noisy_shapley"] = time.perf_counter() - t
         t = time.perf_counter()
         nproblem = inp.problem(noisy)
-        nsur = KernelSurrogate.fit(nproblem)
+        nsur = fit_surrogate(nproblem)
         nscores = _all_scores(inp, nproblem, nv, nsur, 1)
         curves, methods = {}, {}
         for method, s in nscores.items():

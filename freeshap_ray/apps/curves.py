@@ -9,8 +9,9 @@
 * Removal / selection curves: the surrogate is refitted on the remaining points and evaluated on the
   test set. Every kept set is a prefix of a fixed order (``remove_high``: the kept points are the
   lowest-scored ones, a prefix of the ascending order; ``remove_low`` and ``keep_top``: prefixes of
-  the descending order), so one exact incremental Cholesky pass per order (the Shapley engine's
-  :class:`~freeshap_ray.utility.IncrementalRegressor`) gives the whole curve.
+  the descending order), so one exact incremental pass per order (the Shapley engine's
+  :func:`~freeshap_ray.utility.make_regressor`: kernel Cholesky, or the feature-space QR for a
+  :class:`~freeshap_ray.utility.FeatureProblem`, which never forms ``n×n``) gives the whole curve.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..utility import IncrementalRegressor, RegressionProblem
+from ..utility import Problem, make_regressor
 from ..utility.metrics import accuracy_per_test, neg_cross_entropy_per_test
 
 __all__ = [
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 CURVES = ("remove_high", "remove_low", "keep_top")
+
+#: Points per incremental update along a curve's order (bounds the (b, m, C) prefix predictions).
+_PREFIX_BLOCK = 256
 
 
 def normalise_per_class(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -120,7 +124,7 @@ def curve_sizes(n: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return fractions, np.round(fractions * n).astype(np.int64)
 
 
-def prefix_utilities(problem: RegressionProblem, order: np.ndarray, sizes: np.ndarray) -> dict[int, tuple[float, float]]:
+def prefix_utilities(problem: Problem, order: np.ndarray, sizes: np.ndarray) -> dict[int, tuple[float, float]]:
     """Test accuracy and negative cross-entropy of the surrogate fitted on ``order[:k]`` for each ``k`` in ``sizes``.
 
     One exact incremental pass over ``order[:max(sizes)]``; ``k = 0`` is the empty set
@@ -135,23 +139,23 @@ def prefix_utilities(problem: RegressionProblem, order: np.ndarray, sizes: np.nd
         raise ValueError(f"sizes: must be in [0, {order.size}]")
     out: dict[int, tuple[float, float]] = {}
     c = problem.n_classes
-    reg = IncrementalRegressor(problem)
+    reg = make_regressor(problem)
     done = 0
     for k in wanted:
         if k == 0:
             out[0] = (1.0 / c, -float(np.log(c)))
             continue
-        if k > done:
-            pred = reg.extend(order[done:k])[-1]
-            done = k
-        else:  # pragma: no cover - sizes are deduplicated and sorted
-            pred = reg.predictions
+        while done < k:  # in blocks: extend returns every prefix's (m, C) predictions
+            stop = min(k, done + _PREFIX_BLOCK)
+            reg.extend(order[done:stop])
+            done = stop
+        pred = reg.predictions
         out[k] = (float(accuracy_per_test(pred, problem.y_test).mean()),
                   float(neg_cross_entropy_per_test(pred, problem.y_test).mean()))
     return out
 
 
-def removal_curves(problem: RegressionProblem, scores: np.ndarray, steps: int, method: str) -> list[dict]:
+def removal_curves(problem: Problem, scores: np.ndarray, steps: int, method: str) -> list[dict]:
     """Rows (``CURVES_SCHEMA``) of the ``remove_high``, ``remove_low`` and ``keep_top`` curves of ``scores``."""
     n = problem.n
     fractions, counts = curve_sizes(n, steps)
@@ -169,7 +173,7 @@ def removal_curves(problem: RegressionProblem, scores: np.ndarray, steps: int, m
     return rows
 
 
-def random_curves(problem: RegressionProblem, steps: int, repeats: int, seed: int) -> list[dict]:
+def random_curves(problem: Problem, steps: int, repeats: int, seed: int) -> list[dict]:
     """Random removal / selection (the reference line): mean and std over ``repeats`` random orders.
 
     A random order has no "high" or "low" end, so all three curves are the same kept-set sizes.

@@ -39,13 +39,15 @@ import scipy.linalg
 from scipy.linalg import lapack
 
 from ..errors import KernelError
-from ..utility import RegressionProblem
+from ..utility import FeatureProblem, Problem, RegressionProblem
 from ..utility.metrics import accuracy_per_test, neg_cross_entropy_per_test
 
 __all__ = [
     "BASELINES",
     "KernelSurrogate",
+    "SurrogateMethods",
     "baseline_scores",
+    "fit_surrogate",
     "random_scores",
 ]
 
@@ -68,8 +70,67 @@ def random_scores(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng([int(seed), 0x7A4D]).random(n)
 
 
+class SurrogateMethods:
+    """LOO predictions, values and margins shared by the kernel and feature surrogates.
+
+    Needs ``problem``, ``F`` ``(M, r)``, ``_w`` ``(n, g, r)`` and ``loo_test_predictions``.
+    """
+
+    problem: Problem
+    F: np.ndarray
+
+    @property
+    def _w(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loo_test_predictions(self, points: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def test_predictions(self) -> np.ndarray:
+        """``(m, C)`` full-data test predictions."""
+        return self.problem.reshape_predictions(self.F)
+
+    def loo_train_predictions(self) -> np.ndarray:
+        """``(n, C)``: the prediction for each training point by the fit on all OTHER points."""
+        p = self.problem
+        T = p.T.reshape(p.n, p.group, -1)
+        return (T - self._w).reshape(p.n, p.n_classes)
+
+    def loo_margin(self) -> np.ndarray:
+        """``(n,)``: LOO prediction of the given label minus the largest other class."""
+        p = self.problem
+        pred = self.loo_train_predictions()
+        own = pred[np.arange(p.n), p.y_train]
+        other = pred.copy()
+        other[np.arange(p.n), p.y_train] = -np.inf
+        return own - other.max(axis=1)
+
+    def loo_values(self, utility: str = "accuracy") -> np.ndarray:
+        """``(n,)`` exact leave-one-out values ``v(N) - v(N \\ {i})`` under ``utility``."""
+        p = self.problem
+        fn = _utility_fn(utility)
+        full = float(fn(self.test_predictions(), p.y_test).mean())
+        out = np.empty(p.n)
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, self.F.size))
+        for s in range(0, p.n, chunk):
+            pts = np.arange(s, min(p.n, s + chunk))
+            out[pts] = full - fn(self.loo_test_predictions(pts), p.y_test).mean(axis=-1)
+        return out
+
+    def _test_targets(self) -> np.ndarray:
+        """``(M, r)`` one-hot test targets, flattened like ``T``."""
+        p = self.problem
+        Y = np.zeros((p.m, p.n_classes))
+        Y[np.arange(p.m), p.y_test] = 1.0
+        return Y.reshape(p.m * p.group, -1)
+
+    def tracin_values(self) -> np.ndarray:
+        """``(n,)`` gradient similarity at initialisation (cross-entropy gradients at f = 0)."""
+        return tracin_values(self.problem)
+
+
 @dataclass(eq=False)
-class KernelSurrogate:
+class KernelSurrogate(SurrogateMethods):
     """One Cholesky factorisation of the full-data regression and everything derived from it.
 
     Attributes:
@@ -129,25 +190,6 @@ class KernelSurrogate:
             return a / self.B_blocks
         return np.linalg.solve(self.B_blocks, a)
 
-    def test_predictions(self) -> np.ndarray:
-        """``(m, C)`` full-data test predictions."""
-        return self.problem.reshape_predictions(self.F)
-
-    def loo_train_predictions(self) -> np.ndarray:
-        """``(n, C)``: the prediction for each training point by the fit on all OTHER points."""
-        p = self.problem
-        T = p.T.reshape(p.n, p.group, -1)
-        return (T - self._w).reshape(p.n, p.n_classes)
-
-    def loo_margin(self) -> np.ndarray:
-        """``(n,)``: LOO prediction of the given label minus the largest other class."""
-        p = self.problem
-        pred = self.loo_train_predictions()
-        own = pred[np.arange(p.n), p.y_train]
-        other = pred.copy()
-        other[np.arange(p.n), p.y_train] = -np.inf
-        return own - other.max(axis=1)
-
     def loo_test_predictions(self, points: np.ndarray) -> np.ndarray:
         """``(len(points), m, C)``: test predictions of the fit without each of ``points``."""
         p = self.problem
@@ -157,25 +199,6 @@ class KernelSurrogate:
         delta = np.einsum("Mbg,bgr->bMr", Pb, w)
         return p.reshape_predictions(self.F[None] - delta)
 
-    def loo_values(self, utility: str = "accuracy") -> np.ndarray:
-        """``(n,)`` exact leave-one-out values ``v(N) - v(N \\ {i})`` under ``utility``."""
-        p = self.problem
-        fn = _utility_fn(utility)
-        full = float(fn(self.test_predictions(), p.y_test).mean())
-        out = np.empty(p.n)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, self.F.size))
-        for s in range(0, p.n, chunk):
-            pts = np.arange(s, min(p.n, s + chunk))
-            out[pts] = full - fn(self.loo_test_predictions(pts), p.y_test).mean(axis=-1)
-        return out
-
-    def _test_targets(self) -> np.ndarray:
-        """``(M, r)`` one-hot test targets, flattened like ``T``."""
-        p = self.problem
-        Y = np.zeros((p.m, p.n_classes))
-        Y[np.arange(p.m), p.y_test] = 1.0
-        return Y.reshape(p.m * p.group, -1)
-
     def influence_values(self) -> np.ndarray:
         """``(n,)`` influence-function estimate of the test squared-loss increase when ``i`` is removed."""
         p = self.problem
@@ -184,13 +207,10 @@ class KernelSurrogate:
         train_resid = -p.lam * self.alpha  # F_train - T = K α - T = -λ α
         return (Q * train_resid).reshape(p.n, -1).sum(axis=1)
 
-    def tracin_values(self) -> np.ndarray:
-        """``(n,)`` gradient similarity at initialisation (cross-entropy gradients at f = 0)."""
-        return tracin_values(self.problem)
 
-
-def tracin_values(problem: RegressionProblem) -> np.ndarray:
-    """``(n,)`` ``Σ_t g_tᵀ K(t, i) g_i`` with ``g = 1/C - onehot(y)`` (needs no factorisation)."""
+def tracin_values(problem: Problem) -> np.ndarray:
+    """``(n,)`` ``Σ_t g_tᵀ K(t, i) g_i`` with ``g = 1/C - onehot(y)`` (needs no factorisation; features
+    give ``K_Tᵀ G = Φ̃ (Φ̃_Tᵀ G)``, nothing ``n×n``)."""
     p = problem
     c = p.n_classes
     G_train = np.full((p.n, c), 1.0 / c)
@@ -199,20 +219,31 @@ def tracin_values(problem: RegressionProblem) -> np.ndarray:
     G_test[np.arange(p.m), p.y_test] -= 1.0
     Gt = G_test.reshape(p.m * p.group, -1)
     Gi = G_train.reshape(p.n * p.group, -1)
-    return ((p.KT.T @ Gt) * Gi).reshape(p.n, -1).sum(axis=1)
+    KtG = p.kt_t_times(Gt) if isinstance(p, FeatureProblem) else p.KT.T @ Gt
+    return (KtG * Gi).reshape(p.n, -1).sum(axis=1)
+
+
+def fit_surrogate(problem: Problem) -> SurrogateMethods:
+    """:class:`KernelSurrogate` for kernels, :class:`~.feature_surrogate.FeatureSurrogate` for features."""
+    if isinstance(problem, FeatureProblem):
+        from .feature_surrogate import FeatureSurrogate  # it imports this module
+
+        return FeatureSurrogate.fit(problem)
+    return KernelSurrogate.fit(problem)
 
 
 def baseline_scores(
-    problem: RegressionProblem,
+    problem: Problem,
     methods: tuple[str, ...] | list[str],
     *,
     utility: str = "accuracy",
     seed: int = 0,
-    surrogate: KernelSurrogate | None = None,
+    surrogate: SurrogateMethods | None = None,
 ) -> dict[str, np.ndarray]:
     """``{method: (n,) scores}`` for the named baselines (higher = more helpful).
 
     Args:
+        problem: kernels (:class:`KernelSurrogate`) or features (``FeatureSurrogate``, nothing ``n×n``).
         methods: any of ``BASELINES``.
         utility: utility of the ``loo`` baseline (``accuracy`` or ``neg_ce``).
         seed: seed of ``random``.
@@ -224,7 +255,7 @@ def baseline_scores(
     out: dict[str, np.ndarray] = {}
     needs_fit = {"loo", "influence", "loo_margin"} & set(methods)
     if needs_fit and surrogate is None:
-        surrogate = KernelSurrogate.fit(problem)
+        surrogate = fit_surrogate(problem)
     for m in methods:
         if m == "random":
             out[m] = random_scores(problem.n, seed)

@@ -1,7 +1,8 @@
-"""Kernel-regression utility: the problem, metrics, and exact incremental prediction."""
+"""Kernel-regression utility: the problems (kernels or features), metrics, and exact incremental prediction."""
 
 from __future__ import annotations
 
+from .features import FeatureProblem
 from .incremental import IncrementalRegressor
 from .metrics import (
     UTILITIES,
@@ -15,11 +16,19 @@ from .metrics import (
     neg_cross_entropy_per_test,
     resolve_utility,
 )
+from .primal import PrimalRegressor
 from .problem import RegressionProblem
+from .solver import Problem, choose_solver, make_regressor, solver_costs
 
 __all__ = [
     "RegressionProblem",
+    "FeatureProblem",
+    "Problem",
     "IncrementalRegressor",
+    "PrimalRegressor",
+    "make_regressor",
+    "choose_solver",
+    "solver_costs",
     "Utility",
     "BuiltinUtility",
     "CallableUtility",

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..utility.incremental import IncrementalRegressor
 from ..utility.metrics import Utility, UtilitySpec, resolve_utility
-from ..utility.problem import RegressionProblem
+from ..utility.solver import Problem, make_regressor
 
 __all__ = [
     "PermutationResult",
@@ -80,7 +79,7 @@ def sample_permutations(n: int, n_permutations: int, seed: int, start: int = 0) 
     return out
 
 
-def full_utility(problem: RegressionProblem, utility: UtilitySpec = "accuracy",
+def full_utility(problem: Problem, utility: UtilitySpec = "accuracy",
                  per_test_point: bool = False) -> float | np.ndarray:
     """Utility of the whole training set by a direct solve: a float, or ``(m,)`` per test point."""
     util = resolve_utility(utility)
@@ -88,7 +87,7 @@ def full_utility(problem: RegressionProblem, utility: UtilitySpec = "accuracy",
     return util.per_test(pred, problem.y_test) if per_test_point else util(pred, problem.y_test)
 
 
-def empty_utility(problem: RegressionProblem, utility: UtilitySpec = "accuracy",
+def empty_utility(problem: Problem, utility: UtilitySpec = "accuracy",
                   per_test_point: bool = False) -> float | np.ndarray:
     """Utility of the empty training set: a float, or ``(m,)`` per test point."""
     util = resolve_utility(utility)
@@ -97,7 +96,7 @@ def empty_utility(problem: RegressionProblem, utility: UtilitySpec = "accuracy",
     return util.empty_value(problem.y_test, problem.n_classes)
 
 
-def _check_permutation(problem: RegressionProblem, permutation: np.ndarray) -> np.ndarray:
+def _check_permutation(problem: Problem, permutation: np.ndarray) -> np.ndarray:
     perm = np.asarray(permutation)
     if perm.shape != (problem.n,) or (perm.size and perm.dtype.kind not in "iu"):
         raise ValueError(f"permutation: expected an integer array of shape ({problem.n},), "
@@ -126,7 +125,7 @@ class _Truncation:
 
 
 def run_permutation(
-    problem: RegressionProblem,
+    problem: Problem,
     permutation: np.ndarray,
     utility: UtilitySpec = "accuracy",
     *,
@@ -139,7 +138,7 @@ def run_permutation(
     """Marginal contributions of every training point along one permutation (TMC step).
 
     Args:
-        problem: the regression problem.
+        problem: the regression problem (a :class:`~freeshap_ray.utility.FeatureProblem` runs in feature space).
         permutation: ``(n,)`` order in which points are added.
         utility: ``"accuracy"``, ``"neg_ce"``, a :class:`Utility` or a callable.
         truncation_tol: relative tolerance to ``v_full``; 0 disables truncation.
@@ -168,7 +167,7 @@ def run_permutation(
     v_empty = float(np.mean(prev))
     marginals = np.zeros((problem.n, problem.m) if per_test_point else problem.n)
     rule = _Truncation(truncation_tol, truncation_patience, v_full)
-    reg = IncrementalRegressor(problem)
+    reg = make_regressor(problem)  # dual for kernels, primal for features
     added = 0
     while added < problem.n:
         chunk = perm[added:added + block_size]
