@@ -11,6 +11,8 @@ from .metrics import (
     UtilitySpec,
     accuracy,
     accuracy_per_test,
+    margin,
+    margin_per_test,
     neg_cross_entropy,
     neg_cross_entropy_per_test,
     resolve_utility,
@@ -30,4 +32,6 @@ __all__ = [
     "accuracy_per_test",
     "neg_cross_entropy",
     "neg_cross_entropy_per_test",
+    "margin",
+    "margin_per_test",
 ]

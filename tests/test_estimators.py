@@ -1,0 +1,63 @@
+"""Estimators for large n (stratified Shapley, control-variate permutations, MSR-Banzhaf) and the margin utility.
+
+Every estimator is checked against exact enumeration at n <= 10. The threshold for a comparison of an estimate
+with its exact value is ``z_allow(N)``: 3 standard errors, raised to the Bonferroni level that keeps the chance
+of any of the ``N`` comparisons of one test exceeding it below 1 % (two-sided Gaussian) when ``N`` is large.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from freeshap_ray.utility import UTILITIES, margin, margin_per_test
+
+from .helpers import EPS
+from .test_shapley_math import make_problem, prefix_values
+
+
+def z_allow(comparisons: int, alpha: float = 0.01) -> float:
+    """``max(3, Phi^-1(1 - alpha / (2 N)))``: 3 stderr, or the Bonferroni bound for ``N`` comparisons."""
+    return max(3.0, float(norm.isf(alpha / (2 * comparisons))))
+
+
+# ---- margin utility ----------------------------------------------------------------------------------
+
+
+def test_margin_per_test_by_hand():
+    pred = np.array([[2.0, -1.0, 0.5], [0.0, 3.0, 3.0], [1.0, 4.0, -2.0]])
+    y = np.array([0, 2, 0])
+    np.testing.assert_array_equal(margin_per_test(pred, y), [1.5, 0.0, -3.0])
+    assert margin(pred, y) == pytest.approx(-0.5, abs=4 * EPS)
+    # leading batch axes, and the sign agrees with accuracy away from ties
+    rng = np.random.default_rng(0)
+    batch = rng.normal(size=(4, 30, 3))
+    yy = rng.integers(0, 3, 30)
+    m = margin_per_test(batch, yy)
+    assert m.shape == (4, 30)
+    np.testing.assert_array_equal(m[1], margin_per_test(batch[1], yy))
+    np.testing.assert_array_equal(m > 0, UTILITIES["accuracy"].per_test(batch, yy) == 1.0)
+    util = UTILITIES["margin"]
+    np.testing.assert_allclose(util.batch(batch, yy), m.mean(axis=1), rtol=0, atol=8 * EPS * np.abs(m).max())
+    assert util.empty_value(yy, 3) == 0.0
+    np.testing.assert_array_equal(util.empty_per_test(yy, 3), np.zeros(30))
+    np.testing.assert_array_equal(util.per_test(np.zeros((30, 3)), yy), np.zeros(30))  # closed form = computed
+    with pytest.raises(ValueError, match="C >= 2"):
+        margin_per_test(np.zeros((2, 1)), np.array([0, 0]))
+
+
+def test_margin_through_tmc_and_exact():
+    from freeshap_ray.valuation import exact_shapley, full_utility, run_permutation
+
+    prob = make_problem(6, 12, seed=3)
+    vals = exact_shapley(prob, "margin")
+    pt = exact_shapley(prob, "margin", per_test_point=True)
+    total = full_utility(prob, "margin")
+    scale = np.abs(pt).max() + abs(total)
+    assert vals.sum() == pytest.approx(total, abs=2**6 * 6 * EPS * scale)  # efficiency; v(empty) = 0
+    np.testing.assert_allclose(pt.mean(axis=1), vals, atol=2**6 * 6 * EPS * scale)
+    res = run_permutation(prob, np.arange(6), "margin", truncation_tol=0)
+    ref, tol = prefix_values(prob, np.arange(6), "margin")  # margin is 2-Lipschitz in max-norm, as utility_tol assumes
+    assert res.v_empty == 0.0
+    np.testing.assert_allclose(res.marginals, np.diff(ref), rtol=0, atol=tol)
