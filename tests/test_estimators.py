@@ -61,3 +61,37 @@ def test_margin_through_tmc_and_exact():
     ref, tol = prefix_values(prob, np.arange(6), "margin")  # margin is 2-Lipschitz in max-norm, as utility_tol assumes
     assert res.v_empty == 0.0
     np.testing.assert_allclose(res.marginals, np.diff(ref), rtol=0, atol=tol)
+
+
+# ---- exact references ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("utility", ["accuracy", "neg_ce", "margin"])
+def test_exact_stratum_means_and_banzhaf(utility):
+    from itertools import combinations
+
+    from freeshap_ray.valuation import exact_banzhaf, exact_shapley, exact_stratum_means, subset_utilities
+
+    n = 6
+    prob = make_problem(n, 10, seed=4)
+    v = subset_utilities(prob, utility, per_test_point=True)
+    tol = 2**n * n * EPS * np.abs(v).max()  # same subset utilities, other summation orders
+    mu = exact_stratum_means(prob, utility, per_test_point=True)
+    assert mu.shape == (n, n, 10)
+    np.testing.assert_allclose(mu.mean(axis=1), exact_shapley(prob, utility, per_test_point=True), atol=tol)
+    # one entry by hand: point 2 at size 3
+    others = [j for j in range(n) if j != 2]
+    by_hand = np.mean([v[sum(1 << j for j in c) | 4] - v[sum(1 << j for j in c)] for c in combinations(others, 3)],
+                      axis=0)
+    np.testing.assert_allclose(mu[2, 3], by_hand, atol=tol)
+    # efficiency of the table; size 0 is v({i}) - v(empty)
+    np.testing.assert_allclose(mu.mean(axis=1).sum(axis=0), v[-1] - v[0], atol=tol)
+    np.testing.assert_allclose(mu[:, 0], v[1 << np.arange(n)] - v[0], atol=tol)
+    # Banzhaf = binomially weighted strata; it differs from Shapley on this game (the test can tell them apart)
+    from math import comb
+
+    w = np.array([comb(n - 1, s) for s in range(n)]) / 2 ** (n - 1)
+    ban = exact_banzhaf(prob, utility, per_test_point=True)
+    np.testing.assert_allclose(ban, np.einsum("s,ism->im", w, mu), atol=tol)
+    np.testing.assert_allclose(exact_banzhaf(prob, utility), ban.mean(axis=1), atol=tol)
+    assert np.abs(ban - mu.mean(axis=1)).max() > 100 * tol

@@ -6,7 +6,7 @@ Named `valuation` (not `shapley`) so that the public function `freeshap_ray.shap
 from __future__ import annotations
 
 from .convergence import CRITERIA, StoppingRule
-from .exact import MAX_EXACT_N, exact_shapley, subset_utilities
+from .exact import MAX_EXACT_N, exact_banzhaf, exact_shapley, exact_stratum_means, subset_utilities
 from .samplers import (
     SAMPLERS,
     check_sampler,
@@ -34,6 +34,8 @@ __all__ = [
     "full_utility",
     "empty_utility",
     "exact_shapley",
+    "exact_banzhaf",
+    "exact_stratum_means",
     "subset_utilities",
     "MAX_EXACT_N",
     "DEFAULT_BLOCK_SIZE",
