@@ -95,3 +95,76 @@ def test_exact_stratum_means_and_banzhaf(utility):
     np.testing.assert_allclose(ban, np.einsum("s,ism->im", w, mu), atol=tol)
     np.testing.assert_allclose(exact_banzhaf(prob, utility), ban.mean(axis=1), atol=tol)
     assert np.abs(ban - mu.mean(axis=1)).max() > 100 * tol
+
+
+# ---- coalitions one point away from a prefix ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["first_logit", "full"])
+def test_branch_and_loo_updates_match_direct_solves(kind):
+    from freeshap_ray.utility import IncrementalRegressor
+
+    from .helpers import solve_tol
+
+    n = 90 if kind == "first_logit" else 30
+    prob = make_problem(n, 11, kind=kind, seed=7, lam=1e-2)
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(n)
+    walked = n - 7  # the last 7 points are never added
+    reg = IncrementalRegressor(prob)
+    reg.extend(perm[:walked])
+    pos = np.empty(n, dtype=np.int64)
+    pos[perm] = np.arange(n)
+    # branch: every point outside some prefix, sizes spread over [0, walked] so several windows are used
+    pts_b = rng.permutation(n)[:40]
+    sizes_b = np.array([rng.integers(0, min(pos[j], walked) + 1) for j in pts_b])
+    sizes_b[:3] = 0
+    got_b = reg.branch_updates(pts_b, sizes_b, max_cols=7)
+    # loo: points inside a prefix
+    inside = perm[:walked]
+    pts_l = rng.choice(inside, size=min(30, walked - 3), replace=False)
+    sizes_l = np.array([rng.integers(pos[j] + 1, walked + 1) for j in pts_l])
+    got_l = reg.loo_updates(pts_l, sizes_l, max_cols=5)
+    tol = solve_tol(prob)
+    for j, t, got in zip(pts_b, sizes_b, got_b):
+        base = prob.predict(perm[:t])
+        want = prob.predict(np.append(perm[:t], j)) - base
+        scale = max(np.abs(base).max(), np.abs(want).max())  # F(S + j) - F(S): error relative to F's size
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
+    for j, t, got in zip(pts_l, sizes_l, got_l):
+        full = prob.predict(perm[:t])
+        want = full - prob.predict(perm[:t][perm[:t] != j])
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * max(np.abs(full).max(), np.abs(want).max()))
+    assert reg.size == walked  # read-only
+    np.testing.assert_array_equal(reg.order, perm[:walked])
+    with pytest.raises(ValueError, match="outside the prefix"):
+        reg.branch_updates(np.array([perm[0]]), np.array([1]))
+    with pytest.raises(ValueError, match="inside the prefix"):
+        reg.loo_updates(np.array([perm[5]]), np.array([5]))
+    with pytest.raises(ValueError, match="sizes"):
+        reg.branch_updates(np.array([perm[-1]]), np.array([walked + 1]))
+
+
+def test_branch_and_loo_on_a_rank_deficient_kernel_at_reference_scaling():
+    """Rank 40 << n at lam = 1e-6 / divisor 1e4 (cond ~ 1e8): still within the solve bound of direct solves."""
+    from freeshap_ray.utility import IncrementalRegressor
+
+    from .helpers import solve_tol
+    from .test_shapley_engine import low_rank_problem
+
+    n = 160
+    prob = low_rank_problem(n, 40, rank=40)
+    perm = np.random.default_rng(2).permutation(n)
+    reg = IncrementalRegressor(prob)
+    reg.extend(perm)
+    sizes = np.array([10, 39, 41, 80, 150])  # below and beyond the rank
+    tol = solve_tol(prob)
+    got_b = reg.branch_updates(perm[sizes + 3], sizes)
+    got_l = reg.loo_updates(perm[sizes - 2], sizes)
+    for k, t in enumerate(sizes):
+        base = prob.predict(perm[:t])
+        want_b = prob.predict(np.append(perm[:t], perm[t + 3])) - base
+        want_l = base - prob.predict(np.delete(perm[:t], t - 2))
+        scale = np.abs(base).max() + np.abs(want_b).max() + np.abs(want_l).max()
+        np.testing.assert_allclose(got_b[k], want_b, rtol=0, atol=tol * scale)
+        np.testing.assert_allclose(got_l[k], want_l, rtol=0, atol=tol * scale)
