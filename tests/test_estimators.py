@@ -168,3 +168,227 @@ def test_branch_and_loo_on_a_rank_deficient_kernel_at_reference_scaling():
         scale = np.abs(base).max() + np.abs(want_b).max() + np.abs(want_l).max()
         np.testing.assert_allclose(got_b[k], want_b, rtol=0, atol=tol * scale)
         np.testing.assert_allclose(got_l[k], want_l, rtol=0, atol=tol * scale)
+
+
+# ---- stratified Shapley --------------------------------------------------------------------------------
+
+UTILS3 = ["accuracy", "neg_ce", "margin"]
+
+
+def direct_marginal(prob, utility, coalition, j, per_test=False):
+    """``v(S + j) - v(S)`` by direct solves (the empty set takes the utility's empty value)."""
+    from freeshap_ray.valuation import empty_utility
+
+    u = UTILITIES[utility]
+
+    def value(s):
+        if len(s) == 0:
+            return empty_utility(prob, utility, per_test)
+        pred = prob.predict(np.asarray(s, dtype=np.int64))
+        return u.per_test(pred, prob.y_test) if per_test else u(pred, prob.y_test)
+
+    return value(np.append(coalition, j)) - value(coalition)
+
+
+@pytest.mark.parametrize("utility", UTILS3)
+def test_stratified_sample_marginals_are_the_stated_coalitions(utility):
+    """Each marginal is ``v(S_j + j) - v(S_j)`` with ``S_j`` the first ``t_j`` points of the permutation other
+    than ``j``; all three evaluation paths (free, branch, leave-one-out) occur."""
+    from freeshap_ray.valuation import permutation_for
+    from freeshap_ray.valuation.stratified import StrataPlan, stratified_sample
+
+    n = 24
+    prob = make_problem(n, 9, seed=11)
+    edges = np.array([0, 1, 2, 4, 8, 16, 24])
+    plan = StrataPlan(edges, np.array([1, 1, 2, 2, 1, 1]), n)
+    kinds = {"free": 0, "branch": 0, "loo": 0}
+    _, tol = prefix_values(prob, np.arange(n), "neg_ce")  # 4 * solve bound * prediction scale
+    for k in range(len(plan.cycle)):
+        s = stratified_sample(prob, plan, seed=3, sample_id=k, utility=utility, per_test_point=True, block_size=5)
+        h, _ = plan.slot(k)
+        perm = permutation_for(n, 3, k)
+        pos = np.argsort(perm)
+        assert np.all((s.sizes >= edges[h]) & (s.sizes < edges[h + 1]))
+        for j in range(n):
+            t = s.sizes[j]
+            kinds["free" if pos[j] == t else "branch" if pos[j] > t else "loo"] += 1
+            coalition = perm[perm != j][:t]
+            want = direct_marginal(prob, utility, coalition, j, per_test=True)
+            np.testing.assert_allclose(s.marginals[j], want, rtol=0, atol=tol)
+    assert min(kinds.values()) >= 5, kinds
+
+
+def test_stratified_sample_is_a_function_of_seed_and_id():
+    from freeshap_ray.valuation.stratified import StrataStats, run_stratified, uniform_plan
+
+    prob = make_problem(16, 8, seed=2)
+    plan = uniform_plan(16, per_cycle=2)
+    together = run_stratified(prob, plan, 5, range(12), "neg_ce")
+    alone = run_stratified(prob, plan, 5, [7, 3], "neg_ce")
+    for s in alone:
+        np.testing.assert_array_equal(s.sizes, together[s.sample_id].sizes)
+        np.testing.assert_array_equal(s.marginals, together[s.sample_id].marginals)
+    other = run_stratified(prob, plan, 6, [7], "neg_ce")[0]
+    assert not np.array_equal(other.marginals, together[7].marginals)
+    # merge: two halves == all at once
+    whole = StrataStats.from_samples(plan.edges, together)
+    merged = StrataStats.from_samples(plan.edges, together[:5]) + StrataStats.from_samples(plan.edges, together[5:])
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    scale = np.abs(whole.means).max()
+    np.testing.assert_allclose(merged.means, whole.means, rtol=0, atol=16 * EPS * scale)
+    np.testing.assert_allclose(merged.m2, whole.m2, rtol=0, atol=64 * EPS * scale**2 * whole.counts.max())
+    a, b = whole.values(), merged.values()
+    np.testing.assert_allclose(b.values, a.values, rtol=0, atol=16 * EPS * scale)
+    assert merged.samples == 12
+
+
+def stratified_run(prob, utility, seed, *, pilot_cycles=3, cycles=6, per_cycle=40, tail_from=None,
+                   tail="sample", pooled=True, per_test=False, min_count=1):
+    """Pilot (one sample per sampled stratum per cycle) then a Neyman plan; returns merged stats and the plan."""
+    from freeshap_ray.valuation.stratified import (
+        StrataStats, allocate, geometric_edges, marginal_cost, run_stratified, uniform_plan)
+
+    n = prob.n
+    edges = geometric_edges(n, truncation=tail_from)
+    pilot = uniform_plan(n, edges, tail_from=tail_from if tail == "zero" else None)
+    ids = range(pilot_cycles * len(pilot.cycle))
+    stats = StrataStats.from_samples(edges, run_stratified(prob, pilot, seed, ids, utility, per_test_point=per_test))
+    plan = allocate(stats, marginal_cost(edges, n, prob.m), per_cycle=per_cycle, pooled=pooled,
+                    tail_from=tail_from, tail=tail, min_count=min_count)
+    more = range(len(ids), len(ids) + cycles * len(plan.cycle))
+    stats = stats + StrataStats.from_samples(edges, run_stratified(prob, plan, seed, more, utility,
+                                                                   per_test_point=per_test))
+    return stats, plan
+
+
+@pytest.mark.parametrize("utility", UTILS3)
+def test_stratified_matches_exact(utility):
+    from freeshap_ray.valuation import exact_shapley, exact_stratum_means
+
+    n = 9
+    prob = make_problem(n, 14, seed=5)
+    exact = exact_shapley(prob, utility)
+    stats, plan = stratified_run(prob, utility, seed=1)
+    res = stats.values()
+    assert np.all(np.isfinite(res.stderr))
+    spread = exact.max() - exact.min()
+    assert res.stderr.max() < 0.1 * spread  # the test has power: 3 stderr is well below the spread of values
+    _, tol = prefix_values(prob, np.arange(n), "neg_ce")  # rounding: marginals from other solves than exact's
+    assert_within(res.values, exact, res.stderr, z_allow(n), tol)
+    # each (point, stratum) mean against the exact stratum mean (n * H comparisons); strata of one coalition
+    # (size 0, size n - 1) have zero variance up to rounding
+    mu = exact_stratum_means(prob, utility)
+    e = stats.edges
+    want = np.stack([mu[:, e[h]:e[h + 1]].mean(axis=1) for h in range(e.size - 1)], axis=1)
+    se = np.sqrt(stats.variances_by_stratum() / stats.counts)
+    assert_within(stats.means, want, se, z_allow(want.size), tol)
+
+
+def assert_within(got, want, stderr, z, tol):
+    """``|got - want| <= z stderr + tol`` everywhere (``tol``: rounding of the marginals)."""
+    bad = np.abs(got - want) > z * stderr + tol
+    assert not bad.any(), (np.abs(got - want)[bad], stderr[bad], z, tol)
+
+
+@pytest.mark.parametrize("utility", UTILS3)
+def test_stratified_truncation_bias_is_measured_and_bounded(utility):
+    """Tail ``[L, n)`` sampled thinly: the full estimate matches exact; dropping the tail (``tail="zero"``) matches
+    exact minus the exact tail contribution, which the thin tail sample estimates within its stated bound."""
+    from freeshap_ray.valuation import exact_shapley, exact_stratum_means
+
+    n, L = 10, 4
+    prob = make_problem(n, 14, seed=1)
+    mu = exact_stratum_means(prob, utility)
+    exact, exact_tail = exact_shapley(prob, utility), mu[:, L:].sum(axis=1) / n
+    # the allocation serves the full estimate, which the big tail strata dominate; min_count keeps >= 27 samples in
+    # each small stratum so that the truncated estimate's stderr (dominated by them) is itself well estimated
+    stats, plan = stratified_run(prob, utility, seed=2, tail_from=L, tail="sample", min_count=4)
+    tail_strata = plan.edges[:-1] >= L
+    assert plan.counts[tail_strata].min() >= 1  # thin, not dropped
+    _, tol = prefix_values(prob, np.arange(n), "neg_ce")
+    z = z_allow(n)
+    full = stats.values(tail_from=L, tail="sample")
+    assert_within(full.values, exact, full.stderr, z, tol)
+    cut = stats.values(tail_from=L, tail="zero")
+    assert_within(cut.values, exact - exact_tail, cut.stderr, z, tol)
+    est, se = stats.tail_contribution(L)
+    assert_within(est, exact_tail, se, z, tol)
+    # the stated bound |tail| <= |estimate| + 3 stderr (z_allow for the n comparisons) holds for every point
+    assert np.all(np.abs(exact_tail) <= np.abs(est) + z * se + tol)
+    assert cut.info["tail_bias_max_bound"] == pytest.approx(float((np.abs(est) + 3 * se).max()))
+    # the bias is real here (n = 10 does not saturate), so the checks above could fail
+    assert np.max(np.abs(exact_tail) / se) > 3 * z
+
+
+def test_stratified_zero_tail_never_walks_past_the_truncation():
+    from freeshap_ray.valuation import exact_shapley, exact_stratum_means
+    from freeshap_ray.valuation.stratified import run_stratified
+
+    n, L = 10, 4
+    prob = make_problem(n, 14, seed=1)
+    stats, plan = stratified_run(prob, "neg_ce", seed=3, tail_from=L, tail="zero")
+    assert np.all(plan.counts[plan.edges[:-1] >= L] == 0)
+    samples = run_stratified(prob, plan, 3, range(2 * len(plan.cycle)), "neg_ce")
+    assert max(s.walked for s in samples) <= L and max(s.sizes.max() for s in samples) < L
+    res = stats.values(tail_from=L, tail="zero")
+    mu = exact_stratum_means(prob, "neg_ce")
+    _, tol = prefix_values(prob, np.arange(n), "neg_ce")
+    assert_within(res.values, exact_shapley(prob, "neg_ce") - mu[:, L:].sum(axis=1) / n, res.stderr, z_allow(n), tol)
+    est, se = stats.tail_contribution(L)
+    assert np.all(np.isinf(se))  # nothing sampled there: the bias is unmeasured, and says so
+    assert np.isinf(res.info["tail_bias_max_bound"])
+    assert np.isinf(stats.values(tail_from=L, tail="sample").stderr).all()
+
+
+def test_stratified_per_point_plan_and_per_test_values():
+    from freeshap_ray.valuation import exact_shapley
+
+    n = 8
+    prob = make_problem(n, 6, seed=6)
+    stats, plan = stratified_run(prob, "margin", seed=4, pooled=False, per_test=True)
+    assert plan.counts.shape == (n, plan.strata)
+    assert len({tuple(r) for r in plan.counts}) > 1  # per-point allocations differ
+    res = stats.values()
+    exact = exact_shapley(prob, "margin", per_test_point=True)
+    assert res.values.shape == exact.shape == res.stderr.shape
+    _, tol = prefix_values(prob, np.arange(n), "neg_ce")
+    assert_within(res.values, exact, res.stderr, z_allow(exact.size), tol)
+
+
+def test_neyman_allocation():
+    from freeshap_ray.valuation.stratified import StrataPlan, StrataStats, allocate
+
+    n = 20
+    edges = np.array([0, 1, 3, 7, 15, 20])
+    # pilot with known per-stratum standard deviations sigma = (0, 1, 2, 4, 1) for every point
+    sig = np.array([0.0, 1.0, 2.0, 4.0, 1.0])
+    P = 2 * edges.size - 2  # two samples per stratum
+    sz = np.empty((P, n), dtype=np.int64)
+    mg = np.empty((P, n))
+    for h in range(5):
+        sz[2 * h:2 * h + 2] = edges[h]
+        mg[2 * h] = 10.0 + sig[h] / np.sqrt(2)
+        mg[2 * h + 1] = 10.0 - sig[h] / np.sqrt(2)
+    stats = StrataStats.from_records(edges, sz, mg)
+    np.testing.assert_allclose(stats.variances_by_stratum(), np.tile(sig**2, (n, 1)), rtol=1e-12)
+    cost = np.array([1.0, 1.0, 4.0, 16.0, 100.0])
+    plan = allocate(stats, cost, per_cycle=200, min_count=1)
+    w = np.diff(edges)
+    share = w * sig / np.sqrt(cost)  # 0, 2, 4, 8, 0.5 -> of 14.5
+    want = 1 + (200 - 5) * share / share.sum()
+    assert plan.counts.sum() == 200
+    assert np.all(np.abs(plan.counts - want) <= 1)
+    assert plan.counts[0] == 1  # zero variance: only the floor
+    cut = allocate(stats, cost, per_cycle=200, tail_from=7, tail="zero")
+    assert cut.counts[3] == cut.counts[4] == 0 and cut.counts.sum() == 200
+    # cycle: every slot names a stratum, occurrences 0..count-1 each once, interleaved
+    small = StrataPlan(edges, np.array([1, 2, 4, 0, 1]), n)
+    cyc = small.cycle
+    assert len(cyc) == 8 and not np.any(cyc[:, 0] == 3)
+    for h, c in enumerate([1, 2, 4, 0, 1]):
+        assert sorted(cyc[cyc[:, 0] == h, 1].tolist()) == list(range(c))
+    assert cyc[:4, 0].tolist().count(2) == 2  # stride scheduling: half of stratum 2's samples in the first half
+    with pytest.raises(ValueError, match="edges"):
+        StrataPlan(np.array([0, 3, 2, 20]), np.array([1, 1, 1]), n)
+    with pytest.raises(ValueError, match="2 pilot samples"):
+        allocate(StrataStats.from_records(edges, sz[:1], mg[:1]), cost)

@@ -16,6 +16,17 @@ from .samplers import (
     samples_from_marginals,
 )
 from .sign import SignReport, sign_agreement
+from .stratified import (
+    StrataPlan,
+    StrataStats,
+    StratifiedSample,
+    allocate,
+    geometric_edges,
+    marginal_cost,
+    run_stratified,
+    stratified_sample,
+    uniform_plan,
+)
 from .tmc import (
     DEFAULT_BLOCK_SIZE,
     PermutationResult,
@@ -49,4 +60,13 @@ __all__ = [
     "StoppingRule",
     "SignReport",
     "sign_agreement",
+    "StrataPlan",
+    "StrataStats",
+    "StratifiedSample",
+    "allocate",
+    "geometric_edges",
+    "marginal_cost",
+    "run_stratified",
+    "stratified_sample",
+    "uniform_plan",
 ]
