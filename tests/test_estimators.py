@@ -392,3 +392,94 @@ def test_neyman_allocation():
         StrataPlan(np.array([0, 3, 2, 20]), np.array([1, 1, 1]), n)
     with pytest.raises(ValueError, match="2 pilot samples"):
         allocate(StrataStats.from_records(edges, sz[:1], mg[:1]), cost)
+
+
+# ---- control variate on permutations ---------------------------------------------------------------------
+
+
+def permutation_samples(prob, utility, seed, count, sampler="permutation", per_test=False):
+    """``(sample_ids, samples)`` of ``count`` permutations (pairs for antithetic) without truncation."""
+    from freeshap_ray.valuation import full_utility, run_permutation, sampler_permutation, samples_from_marginals
+
+    per = 2 if sampler == "antithetic" else 1
+    vf = full_utility(prob, utility)
+    ids = np.arange(count * per)
+    marg = np.stack([run_permutation(prob, sampler_permutation(prob.n, seed, int(i), sampler), utility,
+                                     truncation_tol=0, v_full=vf, per_test_point=per_test).marginals for i in ids])
+    return samples_from_marginals(ids, marg, sampler)
+
+
+@pytest.mark.parametrize("utility", UTILS3)
+@pytest.mark.parametrize("sampler", ["permutation", "antithetic"])
+def test_control_variate_matches_exact(utility, sampler):
+    from freeshap_ray.valuation import exact_shapley
+    from freeshap_ray.valuation.control_variate import CVStats, control_mean, sample_controls
+
+    n = 8
+    prob = make_problem(n, 14, seed=5)
+    exact = exact_shapley(prob, utility)
+    ids, samples = permutation_samples(prob, utility, 3, 500, sampler)
+    z = sample_controls(n, 3, ids, sampler)
+    stats = CVStats.from_samples(ids, samples, z, control_mean(n))
+    res = stats.values()
+    assert res.counts.tolist() == [500] * n
+    assert res.stderr.max() < 0.1 * (exact.max() - exact.min())  # the comparison has power
+    _, tol = prefix_values(prob, np.arange(n), "neg_ce")
+    assert_within(res.values, exact, res.stderr, z_allow(n), tol)
+    # halves merge exactly
+    half = CVStats.from_samples(ids[:170], samples[:170], z[:170], control_mean(n)) + \
+        CVStats.from_samples(ids[170:], samples[170:], z[170:], control_mean(n))
+    again = half.values()
+    scale = np.abs(samples).max()
+    np.testing.assert_allclose(again.values, res.values, rtol=0, atol=1e3 * EPS * scale)
+    np.testing.assert_allclose(again.stderr, res.stderr, rtol=1e-8)
+    plain = stats.plain()
+    np.testing.assert_allclose(plain.values, samples.mean(axis=0), rtol=0, atol=64 * EPS * scale)
+    np.testing.assert_allclose(plain.stderr, samples.std(axis=0, ddof=1) / np.sqrt(500), rtol=1e-9)
+
+
+def test_control_variate_per_test_and_an_additive_control_removes_nothing():
+    from freeshap_ray.valuation import exact_shapley
+    from freeshap_ray.valuation.control_variate import CVStats, control_mean, sample_controls
+
+    n = 7
+    prob = make_problem(n, 5, seed=8)
+    ids, samples = permutation_samples(prob, "neg_ce", 1, 400, per_test=True)
+    z = sample_controls(n, 1, ids)
+    res = CVStats.from_samples(ids, samples, z, control_mean(n)).values()
+    exact = exact_shapley(prob, "neg_ce", per_test_point=True)
+    assert res.values.shape == exact.shape
+    _, tol = prefix_values(prob, np.arange(n), "neg_ce")
+    assert_within(res.values, exact, res.stderr, z_allow(exact.size), tol)
+    # an additive surrogate g(S) = sum w_j has the constant marginal w_i: as a control it is a constant per point
+    # (zero covariance with the marginals), so the estimate is the plain mean
+    basis = (lambda p: np.full_like(p, 0.7),)
+    flat = CVStats.from_samples(ids, samples, sample_controls(n, 1, ids, basis=basis), control_mean(n, basis))
+    np.testing.assert_allclose(flat.values().values, flat.plain().values, rtol=0, atol=64 * EPS * np.abs(samples).max())
+    assert np.all(flat.coefficients(0) == 0)
+
+
+def test_size_bin_control_is_post_stratification():
+    """Bin indicators as controls: an exactly size-determined game (marginal = f(position)) has zero corrected
+    variance, while the plain mean keeps the between-size variance."""
+    from freeshap_ray.valuation.control_variate import CVStats, control_mean, sample_controls, size_bin_basis
+
+    n, seed = 12, 4
+    edges = np.array([0, 1, 3, 6, 12])
+    basis = size_bin_basis(edges)
+    ids = np.arange(200)  # every bin seen by every point in each fold (else that bin is simply not corrected)
+    z = sample_controls(n, seed, ids, basis=basis)
+    assert z[ids % 2 == 0].sum(axis=0).min() > 0 and z[ids % 2 == 1].sum(axis=0).min() > 0
+    np.testing.assert_array_equal(z.sum(axis=2), 1.0)
+    np.testing.assert_allclose(control_mean(n, basis), np.diff(edges) / n, rtol=1e-15)
+    level = np.array([3.0, -1.0, 0.5, 0.25])
+    d = z @ level  # (P, n): depends on the bin of each point's position only
+    stats = CVStats.from_samples(ids, d, z, control_mean(n, basis))
+    res, plain = stats.values(), stats.plain()
+    exact = np.full(n, level @ np.diff(edges) / n)
+    np.testing.assert_allclose(res.values, exact, rtol=0, atol=1e3 * EPS)
+    # corrected variance = m2_d - 2 c.c_zd + c.c_zz.c cancels to 0; rounding of those three terms (each <= m2_d) is
+    # below 32 eps m2_d, so stderr^2 <= 32 eps m2_d / ((P_f - 1) P_f) per fold
+    pf = len(ids) // 2
+    floor = np.sqrt(32 * EPS * stats.m2_d.max() / ((pf - 1) * pf))
+    assert res.stderr.max() <= floor and plain.stderr.min() > 1e5 * floor

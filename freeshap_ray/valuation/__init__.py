@@ -5,6 +5,7 @@ Named `valuation` (not `shapley`) so that the public function `freeshap_ray.shap
 
 from __future__ import annotations
 
+from .control_variate import CVStats, control_mean, sample_controls, size_bin_basis
 from .convergence import CRITERIA, StoppingRule
 from .exact import MAX_EXACT_N, exact_banzhaf, exact_shapley, exact_stratum_means, subset_utilities
 from .samplers import (
@@ -60,6 +61,10 @@ __all__ = [
     "StoppingRule",
     "SignReport",
     "sign_agreement",
+    "CVStats",
+    "control_mean",
+    "sample_controls",
+    "size_bin_basis",
     "StrataPlan",
     "StrataStats",
     "StratifiedSample",
