@@ -483,3 +483,58 @@ def test_size_bin_control_is_post_stratification():
     pf = len(ids) // 2
     floor = np.sqrt(32 * EPS * stats.m2_d.max() / ((pf - 1) * pf))
     assert res.stderr.max() <= floor and plain.stderr.min() > 1e5 * floor
+
+
+# ---- MSR-Banzhaf ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("utility", UTILS3)
+def test_msr_banzhaf_matches_exact(utility):
+    from freeshap_ray.valuation import BanzhafStats, exact_banzhaf, run_msr
+
+    n = 8
+    prob = make_problem(n, 14, seed=5)
+    exact = exact_banzhaf(prob, utility)
+    samples = run_msr(prob, 2, range(3000), utility, per_test_point=True)
+    pt = BanzhafStats.from_samples(n, samples)
+    mean = BanzhafStats.from_records(np.stack([s.included(n) for s in samples]),
+                                     np.array([s.utility.mean() for s in samples]))
+    res = mean.values()
+    assert res.counts.tolist() == [3000] * n
+    assert res.stderr.max() < 0.1 * (exact.max() - exact.min())  # the comparison has power
+    _, tol = prefix_values(prob, np.arange(n), "neg_ce")
+    assert_within(res.values, exact, res.stderr, z_allow(n), tol)
+    exact_pt = exact_banzhaf(prob, utility, per_test_point=True)
+    res_pt = pt.values()
+    assert_within(res_pt.values, exact_pt, res_pt.stderr, z_allow(exact_pt.size), tol)
+    np.testing.assert_allclose(res_pt.values.mean(axis=1), res.values, rtol=0, atol=1e3 * EPS)
+
+
+def test_msr_records_are_a_function_of_seed_and_id_and_merge():
+    from freeshap_ray.valuation import BanzhafStats, msr_subset, run_msr
+
+    n = 13  # not a multiple of 8: packing pads
+    prob = make_problem(n, 6, seed=1)
+    allr = run_msr(prob, 4, range(40), "margin")
+    some = run_msr(prob, 4, [31, 2], "margin")
+    for s in some:
+        assert s.utility == allr[s.sample_id].utility
+        np.testing.assert_array_equal(s.mask, allr[s.sample_id].mask)
+        assert s.mask.dtype == np.uint8 and s.mask.shape == (2,)
+        np.testing.assert_array_equal(s.included(n), msr_subset(n, 4, s.sample_id))
+    masks = np.stack([msr_subset(n, 4, k) for k in range(400)])
+    assert abs(masks.mean() - 0.5) < 3 * 0.5 / np.sqrt(masks.size)  # inclusion probability 1/2
+    whole = BanzhafStats.from_samples(n, allr)
+    merged = BanzhafStats.from_samples(n, allr[:15]) + BanzhafStats.from_samples(n, allr[15:])
+    a, b = whole.values(), merged.values()
+    scale = max(abs(s.utility) for s in allr)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_allclose(b.values, a.values, rtol=0, atol=64 * EPS * scale)
+    np.testing.assert_allclose(b.stderr, a.stderr, rtol=1e-9)
+    # the two-sample standard error by hand for one point
+    mk = np.stack([s.included(n) for s in allr])
+    v = np.array([s.utility for s in allr])
+    i = 5
+    se = np.sqrt(v[mk[:, i]].var(ddof=1) / mk[:, i].sum() + v[~mk[:, i]].var(ddof=1) / (~mk[:, i]).sum())
+    assert a.stderr[i] == pytest.approx(se, rel=1e-9)
+    assert a.values[i] == pytest.approx(v[mk[:, i]].mean() - v[~mk[:, i]].mean(), abs=64 * EPS * scale)

@@ -5,6 +5,7 @@ Named `valuation` (not `shapley`) so that the public function `freeshap_ray.shap
 
 from __future__ import annotations
 
+from .banzhaf import BanzhafStats, MSRSample, msr_sample, msr_subset, run_msr
 from .control_variate import CVStats, control_mean, sample_controls, size_bin_basis
 from .convergence import CRITERIA, StoppingRule
 from .exact import MAX_EXACT_N, exact_banzhaf, exact_shapley, exact_stratum_means, subset_utilities
@@ -61,6 +62,11 @@ __all__ = [
     "StoppingRule",
     "SignReport",
     "sign_agreement",
+    "BanzhafStats",
+    "MSRSample",
+    "msr_sample",
+    "msr_subset",
+    "run_msr",
     "CVStats",
     "control_mean",
     "sample_controls",
