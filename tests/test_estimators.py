@@ -228,6 +228,13 @@ def test_stratified_sample_is_a_function_of_seed_and_id():
     for s in alone:
         np.testing.assert_array_equal(s.sizes, together[s.sample_id].sizes)
         np.testing.assert_array_equal(s.marginals, together[s.sample_id].marginals)
+    import json
+
+    from freeshap_ray.valuation.stratified import StrataPlan
+
+    again = StrataPlan.from_description(json.loads(json.dumps(plan.describe())))  # as a resumed run rebuilds it
+    resumed = run_stratified(prob, again, 5, [7], "neg_ce")[0]
+    np.testing.assert_array_equal(resumed.marginals, together[7].marginals)
     other = run_stratified(prob, plan, 6, [7], "neg_ce")[0]
     assert not np.array_equal(other.marginals, together[7].marginals)
     # merge: two halves == all at once

@@ -176,6 +176,12 @@ class StrataPlan:
         """Plain-data form for a manifest (the plan is part of what sample ids mean)."""
         return {"edges": self.edges.tolist(), "counts": self.counts.tolist(), "n": self.n}
 
+    @classmethod
+    def from_description(cls, desc: dict[str, Any]) -> StrataPlan:
+        """Inverse of :meth:`describe` (a resumed run rebuilds its plans from the manifest)."""
+        return cls(np.asarray(desc["edges"], dtype=np.int64), np.asarray(desc["counts"], dtype=np.int64),
+                   int(desc["n"]))
+
 
 def uniform_plan(n: int, edges: np.ndarray | None = None, per_cycle: int = 1,
                  tail_from: int | None = None) -> StrataPlan:
