@@ -545,3 +545,20 @@ def test_msr_records_are_a_function_of_seed_and_id_and_merge():
     se = np.sqrt(v[mk[:, i]].var(ddof=1) / mk[:, i].sum() + v[~mk[:, i]].var(ddof=1) / (~mk[:, i]).sum())
     assert a.stderr[i] == pytest.approx(se, rel=1e-9)
     assert a.values[i] == pytest.approx(v[mk[:, i]].mean() - v[~mk[:, i]].mean(), abs=64 * EPS * scale)
+
+
+def test_controls_are_a_function_of_seed_and_id():
+    from freeshap_ray.valuation import sampler_permutation
+    from freeshap_ray.valuation.control_variate import DEFAULT_BASIS, position_basis, sample_controls
+
+    n = 9
+    allz = sample_controls(n, 2, np.arange(10), "antithetic")
+    np.testing.assert_array_equal(sample_controls(n, 2, np.array([7, 3]), "antithetic"), allz[[7, 3]])
+    # pair 3 = permutations 6 and 7 (the reverse): mean of the basis at the two positions
+    p6 = np.argsort(sampler_permutation(n, 2, 6, "antithetic"))
+    p7 = np.argsort(sampler_permutation(n, 2, 7, "antithetic"))
+    np.testing.assert_array_equal(p7, n - 1 - p6)
+    want = 0.5 * (position_basis(p6, DEFAULT_BASIS) + position_basis(p7, DEFAULT_BASIS))
+    np.testing.assert_allclose(allz[3], want, rtol=0, atol=4 * EPS)
+    plain = sample_controls(n, 2, np.array([4]))
+    np.testing.assert_array_equal(plain[0], position_basis(np.argsort(sampler_permutation(n, 2, 4)), DEFAULT_BASIS))
