@@ -389,16 +389,24 @@ def run_stratified(problem: RegressionProblem, plan: StrataPlan, seed: int, samp
 
 
 def _welford(x: np.ndarray, groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts, means and M2 of rows ``x (P, ...)`` by group ``(P,)`` in ``[0, n_groups)`` (two-pass)."""
+    """Counts, means and M2 of rows ``x (P, ...)`` by group ``(P,)`` in ``[0, n_groups)`` (two-pass, sorted
+    segments summed with ``np.add.reduceat``)."""
     cnt = np.bincount(groups, minlength=n_groups).astype(np.int64)
     flat = x.reshape(x.shape[0], -1)
-    sums = np.zeros((n_groups, flat.shape[1]))
-    np.add.at(sums, groups, flat)
-    mean = sums / np.maximum(cnt, 1)[:, None]
-    dev = flat - mean[groups]
-    m2 = np.zeros_like(sums)
-    np.add.at(m2, groups, dev * dev)
     rest = x.shape[1:]
+    sums = np.zeros((n_groups, flat.shape[1]))
+    m2 = np.zeros_like(sums)
+    if flat.shape[0]:
+        order = np.argsort(groups, kind="stable")
+        sorted_x, sorted_g = flat[order], groups[order]
+        starts = np.flatnonzero(np.r_[True, sorted_g[1:] != sorted_g[:-1]])
+        present = sorted_g[starts]
+        sums[present] = np.add.reduceat(sorted_x, starts, axis=0)
+        mean = sums / np.maximum(cnt, 1)[:, None]
+        dev = sorted_x - mean[sorted_g]
+        m2[present] = np.add.reduceat(dev * dev, starts, axis=0)
+    else:
+        mean = sums
     return cnt, mean.reshape((n_groups,) + rest), m2.reshape((n_groups,) + rest)
 
 
