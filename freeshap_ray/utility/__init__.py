@@ -12,6 +12,8 @@ from .metrics import (
     UtilitySpec,
     accuracy,
     accuracy_per_test,
+    margin,
+    margin_per_test,
     neg_cross_entropy,
     neg_cross_entropy_per_test,
     resolve_utility,
@@ -39,4 +41,6 @@ __all__ = [
     "accuracy_per_test",
     "neg_cross_entropy",
     "neg_cross_entropy_per_test",
+    "margin",
+    "margin_per_test",
 ]

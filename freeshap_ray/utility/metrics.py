@@ -1,8 +1,8 @@
-"""Utilities of kernel-regression predictions: accuracy and negative cross-entropy.
+"""Utilities of kernel-regression predictions: accuracy, negative cross-entropy and the true-class margin.
 
 Per-test functions accept predictions with leading batch axes: ``pred (..., m, C)`` and labels
 ``y (m,)`` give ``(..., m)``. The empty training set has a fixed value: accuracy ``1/C`` (a random
-guess) and negative cross-entropy ``-log C`` (softmax of all-zero logits).
+guess), negative cross-entropy ``-log C`` (softmax of all-zero logits) and margin 0 (all-zero logits).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ __all__ = [
     "accuracy_per_test",
     "neg_cross_entropy",
     "neg_cross_entropy_per_test",
+    "margin",
+    "margin_per_test",
     "Utility",
     "BuiltinUtility",
     "CallableUtility",
@@ -73,6 +75,27 @@ def neg_cross_entropy_per_test(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
     return picked - _logsumexp_last(p)
 
 
+def margin_per_test(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Margin of the true class ``pred[y] - max_{c != y} pred[c]`` per test point (continuous; > 0 iff correct,
+    up to ties).
+
+    Args:
+        pred: ``(..., m, C)`` predictions, ``C >= 2``.
+        y: ``(m,)`` labels.
+
+    Returns:
+        ``(..., m)`` float64.
+    """
+    p, lab = _check(pred, y)
+    if p.shape[-1] < 2:
+        raise ValueError(f"pred: margin needs C >= 2 classes, got {p.shape[-1]}")
+    idx = np.broadcast_to(lab[:, None], p.shape[:-1] + (1,))
+    picked = np.take_along_axis(p, idx, axis=-1)[..., 0]
+    others = p.copy()
+    np.put_along_axis(others, idx, -np.inf, axis=-1)
+    return picked - others.max(axis=-1)
+
+
 def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
     """Mean accuracy of ``pred (m, C)`` against ``y (m,)``."""
     return float(np.mean(accuracy_per_test(pred, y)))
@@ -81,6 +104,11 @@ def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
 def neg_cross_entropy(pred: np.ndarray, y: np.ndarray) -> float:
     """Mean negative cross-entropy of ``softmax(pred (m, C))`` against ``y (m,)``."""
     return float(np.mean(neg_cross_entropy_per_test(pred, y)))
+
+
+def margin(pred: np.ndarray, y: np.ndarray) -> float:
+    """Mean true-class margin of ``pred (m, C)`` against ``y (m,)``."""
+    return float(np.mean(margin_per_test(pred, y)))
 
 
 class Utility:
@@ -181,6 +209,7 @@ class CallableUtility(Utility):
 UTILITIES: dict[str, Utility] = {
     "accuracy": BuiltinUtility("accuracy", accuracy_per_test, lambda c: 1.0 / c),
     "neg_ce": BuiltinUtility("neg_ce", neg_cross_entropy_per_test, lambda c: -math.log(c)),
+    "margin": BuiltinUtility("margin", margin_per_test, lambda c: 0.0),
 }
 
 UtilitySpec = Union[str, Utility, Callable[[np.ndarray, np.ndarray], object]]

@@ -5,8 +5,10 @@ Named `valuation` (not `shapley`) so that the public function `freeshap_ray.shap
 
 from __future__ import annotations
 
+from .banzhaf import BanzhafStats, MSRSample, msr_sample, msr_subset, run_msr
+from .control_variate import CVStats, control_mean, sample_controls, size_bin_basis
 from .convergence import CRITERIA, StoppingRule
-from .exact import MAX_EXACT_N, exact_shapley, subset_utilities
+from .exact import MAX_EXACT_N, exact_banzhaf, exact_shapley, exact_stratum_means, subset_utilities
 from .samplers import (
     SAMPLERS,
     effective_tolerance,
@@ -15,6 +17,17 @@ from .samplers import (
     samples_from_marginals,
 )
 from .sign import SignReport, sign_agreement
+from .stratified import (
+    StrataPlan,
+    StrataStats,
+    StratifiedSample,
+    allocate,
+    geometric_edges,
+    marginal_cost,
+    run_stratified,
+    stratified_sample,
+    uniform_plan,
+)
 from .tmc import (
     DEFAULT_BLOCK_SIZE,
     PermutationResult,
@@ -33,6 +46,8 @@ __all__ = [
     "full_utility",
     "empty_utility",
     "exact_shapley",
+    "exact_banzhaf",
+    "exact_stratum_means",
     "subset_utilities",
     "MAX_EXACT_N",
     "DEFAULT_BLOCK_SIZE",
@@ -45,4 +60,22 @@ __all__ = [
     "StoppingRule",
     "SignReport",
     "sign_agreement",
+    "BanzhafStats",
+    "MSRSample",
+    "msr_sample",
+    "msr_subset",
+    "run_msr",
+    "CVStats",
+    "control_mean",
+    "sample_controls",
+    "size_bin_basis",
+    "StrataPlan",
+    "StrataStats",
+    "StratifiedSample",
+    "allocate",
+    "geometric_edges",
+    "marginal_cost",
+    "run_stratified",
+    "stratified_sample",
+    "uniform_plan",
 ]
