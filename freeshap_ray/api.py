@@ -19,7 +19,7 @@ def shapley(
     y_train: np.ndarray,
     y_test: np.ndarray,
     *,
-    utility: UtilitySpec | Literal["accuracy", "neg_ce"] = "accuracy",
+    utility: UtilitySpec | Literal["accuracy", "neg_ce", "margin"] = "accuracy",
     n_permutations: int = 200,
     truncation_tol: float = 0.05,
     truncation_patience: int = 2,
@@ -41,6 +41,9 @@ def shapley(
     resume: bool = True,
     sign_splits: int = 100,
     num_cpus_per_task: float = 1.0,
+    estimator: Literal["tmc", "cv", "stratified", "msr_banzhaf"] = "tmc",
+    convergence_target: float = 0.9,
+    stratified_tail: Literal["sample", "zero"] = "sample",
 ) -> ValuesResult:
     """Monte-Carlo Shapley values of training points under the kernel-regression utility, on Ray.
 
@@ -48,15 +51,17 @@ def shapley(
         k_train: (n, n) first-logit kernel or (n, n, C, C) full kernel.
         k_test_train: (m, n) or (m, n, C, C).
         y_train, y_test: (n,), (m,) integer class labels.
-        utility: ``accuracy``, ``neg_ce`` or a callable ``(pred (m, C), y (m,)) -> float | (m,)``.
+        utility: ``accuracy``, ``neg_ce``, ``margin`` or a callable ``(pred (m, C), y (m,)) -> float | (m,)``.
+        estimator: ``tmc``, ``cv``, ``stratified`` or ``msr_banzhaf`` (Banzhaf values); see the ``shapley``
+            config section (:class:`freeshap_ray.config.ShapleyConfig`) for these and the other keywords.
         n_permutations: permutation budget (for ``antithetic`` rounded up to whole pairs).
         truncation_tol: TMC tolerance relative to v(N); 0 disables truncation.
         lam, kernel_divisor: ridge and kernel scaling, F = (K/div) ((K/div) + lam I)^-1 Y.
         seed: permutation k is ``default_rng([seed, k]).permutation(n)``.
         per_test_point: also return (n, m) values (then ``.values`` etc. have shape (n, m)).
         sampler: ``tmc``, ``permutation`` (never truncated) or ``antithetic`` (permutation + reverse = one sample).
-        max_seconds: time budget; convergence, convergence_tol, convergence_top_k, convergence_patience,
-            min_permutations: stopping criterion (see :class:`freeshap_ray.valuation.StoppingRule`).
+        max_seconds: time budget; convergence (``spearman``: split-half Spearman >= ``convergence_target``),
+            convergence_tol, convergence_top_k, convergence_patience, min_permutations: stopping criterion.
         checkpoint_dir: stream marginals to ``checkpoint_dir/marginals/part-*.parquet``; calling again
             with the same directory resumes (only missing permutations run; see ``resume``).
         sign_splits: random half-splits for the per-point sign agreement.
@@ -94,4 +99,5 @@ def shapley(
 _CONFIG_KEYS = frozenset(
     ["n_permutations", "truncation_tol", "truncation_patience", "lam", "kernel_divisor", "seed", "per_test_point",
      "permutations_per_task", "sampler", "max_seconds", "convergence", "convergence_tol", "convergence_top_k",
-     "convergence_patience", "min_permutations", "resume", "sign_splits", "num_cpus_per_task"])
+     "convergence_patience", "min_permutations", "resume", "sign_splits", "num_cpus_per_task", "estimator",
+     "convergence_target", "stratified_tail"])

@@ -90,15 +90,24 @@ def test_resume_after_kill_equals_uninterrupted(ray_local, tmp_path, sampler, pe
     np.testing.assert_array_equal(again.values.values, whole.values.values)
 
 
-def test_resume_with_new_seed_adds_new_permutations(ray_local, tmp_path):
+def test_a_new_seed_is_an_independent_replicate(ray_local, tmp_path):
+    """Changing shapley.seed computes that seed's own samples (budget and values per seed); the other seeds'
+    samples stay in the store as replicates, are reported and compared, and never mixed in."""
     prob = problem()
     store = MarginalsStore(tmp_path / "s")
-    run_resumable(prob, store, n_permutations=6, seed=0, **COMMON)
+    first = run_resumable(prob, store, n_permutations=6, seed=0, **COMMON)
     more = run_resumable(prob, store, n_permutations=15, seed=1, **COMMON)
     ids = stored_ids(store)
-    assert len(ids) == len(set(ids)) == 15
-    assert sorted(ids) == [(0, i) for i in range(6)] + [(1, i) for i in range(9)]
-    assert more.info["seeds"] == [0, 1] and (more.values.counts == 15).all()
+    assert len(ids) == len(set(ids)) == 21
+    assert sorted(ids) == [(0, i) for i in range(6)] + [(1, i) for i in range(15)]
+    assert more.info["n_new"] == 15 and more.info["n_resumed"] == 0 and (more.values.counts == 15).all()
+    assert more.info["seeds"] == [0, 1] and more.info["samples_per_seed"] == {"0": 6, "1": 15}
+    assert set(more.info["seed_spearman"]) == {"0"}
+    alone = run_resumable(prob, MarginalsStore(tmp_path / "alone"), n_permutations=15, seed=1, **COMMON)
+    np.testing.assert_array_equal(more.values.values, alone.values.values)  # seed 0 is not mixed in
+    back = run_resumable(prob, store, n_permutations=6, seed=0, **COMMON)  # seed 0 again: all stored
+    assert back.info["n_new"] == 0
+    np.testing.assert_array_equal(back.values.values, first.values.values)
 
 
 def test_mismatched_settings_are_refused(ray_local, tmp_path):

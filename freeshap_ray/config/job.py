@@ -201,25 +201,36 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class ShapleyConfig:
-    """Truncated Monte-Carlo Shapley over the kernel-regression utility.
+    """How training points are valued over the kernel-regression utility (the game).
 
-    Kernel regression uses ``K / kernel_divisor + lam·I`` (reference: divisor 1e4, λ = 1e-6).
-    A permutation is truncated once ``|v(prefix) - v(N)| < truncation_tol·|v(N)|`` for
-    ``truncation_patience`` consecutive steps; ``truncation_tol: 0`` disables truncation.
+    Kernel regression uses ``K / kernel_divisor + lam·I`` (reference: divisor 1e4, λ = 1e-6); ``solver``:
+    ``dual`` (the n×n kernel), ``primal`` (feature space, ``kernel.projection_dim > 0``: nothing n×n) or
+    ``auto`` (by cost). ``utility``: ``accuracy``, ``neg_ce`` (negative cross-entropy) or ``margin`` (of the
+    true class), averaged over the test points.
 
-    ``sampler``: ``tmc`` (truncated Monte-Carlo), ``permutation`` (plain permutation sampling, never
+    ``estimator``: ``tmc`` (Monte-Carlo permutations, the reference), ``cv`` (the same permutations with
+    cross-fitted control variates on each point's position), ``stratified`` (per-point sampling by
+    coalition size with optimum allocation from a pilot) or ``msr_banzhaf`` (Banzhaf values by maximum
+    sample reuse: a different, noise-robust semivalue). For ``tmc``/``cv``, ``sampler`` picks the
+    permutations: ``tmc`` (truncated once ``|v(prefix) - v(N)| < truncation_tol·|v(N)|`` for
+    ``truncation_patience`` consecutive steps; ``truncation_tol: 0`` disables it), ``permutation`` (never
     truncated) or ``antithetic`` (each permutation and its reverse; a pair is one sample).
-    ``n_permutations`` is the permutation budget (total, across resumed runs); ``max_seconds`` a time
-    budget per run; ``convergence`` (``none``, ``stderr``: max stderr <= ``convergence_tol`` x value
-    spread, ``rank``: top/bottom ``convergence_top_k`` sets unchanged for ``convergence_patience``
-    batches) stops earlier, never before ``min_permutations`` samples. ``resume``: a rerun reuses the
-    marginals already streamed to OUT/shapley/marginals and only runs new permutations.
+    ``stratified_tail``: ``sample`` (every coalition size is sampled: unbiased) or ``zero`` (sizes from the
+    truncation point on are not sampled and count 0; the bias is reported).
+
+    ``n_permutations`` is the sample budget of ``seed`` (permutations, stratified samples or MSR subsets;
+    samples of other seeds in the store are independent replicates: kept, reported, never mixed in);
+    ``max_seconds`` a time budget per run; ``convergence`` stops earlier, never before ``min_permutations``
+    samples: ``spearman`` once the Spearman correlation between the values of two independent halves of
+    the samples reaches ``convergence_target``; ``stderr``: max stderr <= ``convergence_tol`` x value
+    spread; ``rank``: top/bottom ``convergence_top_k`` sets unchanged for ``convergence_patience`` batches.
+    ``resume``: a rerun reuses the samples already streamed to OUT/shapley and only runs new ones.
     ``sign_splits``: random half-splits behind the ``sign_agreement`` column.
     ``resources_per_task``: custom Ray resources each task reserves; ``placement``: ``DEFAULT`` (Ray's
     scheduler) or ``SPREAD`` (tasks spread over the cluster's nodes).
     """
 
-    utility: Literal["accuracy", "neg_ce"] = "accuracy"
+    utility: Literal["accuracy", "neg_ce", "margin"] = "accuracy"
     n_permutations: int = 200
     truncation_tol: float = 0.05
     truncation_patience: int = 2
@@ -232,7 +243,7 @@ class ShapleyConfig:
     sampler: Literal["tmc", "permutation", "antithetic"] = "tmc"
     resume: bool = True
     max_seconds: float | None = None
-    convergence: Literal["none", "stderr", "rank"] = "none"
+    convergence: Literal["none", "stderr", "rank", "spearman"] = "none"
     convergence_tol: float = 0.05
     convergence_top_k: int = 10
     convergence_patience: int = 3
@@ -240,13 +251,24 @@ class ShapleyConfig:
     sign_splits: int = 100
     resources_per_task: dict[str, float] = field(default_factory=dict)
     placement: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
+    estimator: Literal["tmc", "cv", "stratified", "msr_banzhaf"] = "tmc"
+    convergence_target: float = 0.9
+    stratified_tail: Literal["sample", "zero"] = "sample"
+    solver: Literal["auto", "dual", "primal"] = "auto"
 
     def __post_init__(self) -> None:
+        for key, allowed in (("utility", ("accuracy", "neg_ce", "margin")),
+                             ("estimator", ("tmc", "cv", "stratified", "msr_banzhaf")),
+                             ("stratified_tail", ("sample", "zero")), ("solver", ("auto", "dual", "primal"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"shapley.{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if not 0.0 < self.convergence_target < 1.0:
+            raise ConfigError(f"shapley.convergence_target: must be in (0, 1), got {self.convergence_target}")
         if self.sampler not in ("tmc", "permutation", "antithetic"):
             raise ConfigError(f"shapley.sampler: must be one of ['tmc', 'permutation', 'antithetic'], "
                               f"got {self.sampler!r}")
-        if self.convergence not in ("none", "stderr", "rank"):
-            raise ConfigError(f"shapley.convergence: must be one of ['none', 'stderr', 'rank'], "
+        if self.convergence not in ("none", "stderr", "rank", "spearman"):
+            raise ConfigError(f"shapley.convergence: must be one of ['none', 'stderr', 'rank', 'spearman'], "
                               f"got {self.convergence!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConfigError(f"shapley.max_seconds: must be > 0 (or null for no time budget), got {self.max_seconds}")

@@ -20,6 +20,7 @@ from .layout import Layout
 from .remote import local_root
 from ..utility import RegressionProblem
 from ..valuation.sinks import Batch, StoredMarginals
+from .samples import read_sample_table, sample_table
 
 log = logging.getLogger(__name__)
 
@@ -488,12 +489,17 @@ class MarginalsStore:
         remove_path(self.parts_dir)
         remove_path(self.run_file)
 
-    def open(self, key: dict[str, Any], *, resume: bool) -> None:
-        """Start or resume the run of ``key``; stored marginals of another key are refused (or discarded)."""
+    def open(self, key: dict[str, Any], *, resume: bool) -> dict[str, Any]:
+        """Start or resume the run of ``key``; stored samples of another key are refused (or discarded).
+
+        Returns:
+            The run's annotations (``run.json``'s ``"extra"``: e.g. the stratified plans), or ``{}``.
+        """
         key = {"marginals_schema": MARGINALS_SCHEMA_VERSION, **key}
         if not resume:
             self.clear()
         stored = self.read_run()
+        extra = stored.pop("extra", {}) if stored is not None else {}
         if stored is None and self.parts():
             if not self.discard_mismatched:
                 raise OutputError(f"{self.parts_dir}: marginals without {self.run_file.name} (an older or foreign "
@@ -507,7 +513,27 @@ class MarginalsStore:
                     f"run has {diff}={key.get(diff)!r}; pass --overwrite (or set shapley.resume=false) to discard them")
             log.warning("%s: discarding stored marginals made with different settings", self.dir)
             self.clear()
-        write_json_atomic(key, self.run_file)
+            extra = {}
+        self._key = key
+        write_json_atomic({**key, "extra": extra} if extra else key, self.run_file)
+        return extra
+
+    def annotate(self, extra: dict[str, Any]) -> None:
+        """Record ``extra`` in ``run.json`` (not part of the key: what the sample ids mean)."""
+        stored = self.read_run() or {}
+        write_json_atomic({**getattr(self, "_key", stored), "extra": {**stored.get("extra", {}), **extra}},
+                          self.run_file)
+
+    def write_samples(self, family: str, seed: int, records: list) -> None:
+        """Write one batch of ``stratified`` or ``msr`` records as the next part."""
+        self.write_part(sample_table(family, seed, records))
+
+    def samples(self, family: str, n: int, m: int | None) -> list[tuple[int, Any]]:
+        """Every stored ``(seed, record)`` of ``family``, part by part."""
+        out = []
+        for path in self.parts():
+            out += read_sample_table(family, pq.read_table(path), n, m, path)
+        return out
 
     def write(self, batch: Batch, seed: int, sampler: str, per_test_point: bool) -> None:
         """Write one batch as the next part."""
@@ -518,7 +544,7 @@ class MarginalsStore:
         return write_parquet_atomic(table, self.parts_dir / f"part-{self.next_part_index():05d}.parquet")
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
-        """All parts as one table (empty, with the schema, when there are none)."""
+        """All permutation parts as one table (empty, with the schema, when there are none)."""
         parts = self.parts()
         cols = columns or MARGINALS_SCHEMA.names
         if not parts:

@@ -72,4 +72,9 @@ class ValuationSettings:
             "truncation_tol": self.truncation_tol,
             "truncation_patience": int(self.config.truncation_patience),
             "per_test_point": bool(self.config.per_test_point),
+            # stratified and MSR samples are other records (tmc and cv share the permutations; the key is as it
+            # was before estimators existed, so their stores resume)
+            **({"estimator": self.config.estimator} if self.config.estimator in ("stratified", "msr_banzhaf")
+               else {}),
+            **({"stratified_tail": self.config.stratified_tail} if self.config.estimator == "stratified" else {}),
         }

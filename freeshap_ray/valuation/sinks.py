@@ -51,15 +51,27 @@ class StoredMarginals:
 class MarginalsSink(Protocol):
     """A resumable stream of per-permutation marginals (see the module docstring)."""
 
-    def open(self, key: dict[str, Any], *, resume: bool) -> None:
-        """Start (or resume) a run whose marginals are marginals of ``key`` (``ValuationSettings.run_key``).
+    def open(self, key: dict[str, Any], *, resume: bool) -> dict[str, Any]:
+        """Start (or resume) a run whose samples are samples of ``key`` (``ValuationSettings.run_key``).
+
+        Returns:
+            What :meth:`annotate` recorded with the stored run (e.g. the stratified plans), or ``{}``.
 
         Raises:
-            OutputError: stored marginals of another ``key`` (unless the sink was told to discard them).
+            OutputError: stored samples of another ``key`` (unless the sink was told to discard them).
         """
 
+    def annotate(self, extra: dict[str, Any]) -> None:
+        """Record ``extra`` with the run (what its sample ids mean, e.g. an allocation plan)."""
+
     def write(self, batch: Batch, seed: int, sampler: str, per_test_point: bool) -> None:
-        """Keep one finished batch (whole samples)."""
+        """Keep one finished batch of permutations (whole samples)."""
+
+    def write_samples(self, family: str, seed: int, records: list) -> None:
+        """Keep one finished batch of ``stratified`` (StratifiedSample) or ``msr`` (MSRSample) records."""
+
+    def samples(self, family: str, n: int, m: int | None) -> list[tuple[int, Any]]:
+        """Every kept ``(seed, record)`` of ``family`` (stratified or msr), in the order they were kept."""
 
     def marginals(self, n: int) -> StoredMarginals:
         """Everything kept so far (``n`` training points)."""
@@ -73,10 +85,24 @@ class MemorySink:
 
     def __init__(self) -> None:
         self._rows: list[tuple[int, int, PermutationResult]] = []
+        self._samples: list[tuple[int, Any]] = []
+        self._extra: dict[str, Any] = {}
 
-    def open(self, key: dict[str, Any], *, resume: bool) -> None:
+    def open(self, key: dict[str, Any], *, resume: bool) -> dict[str, Any]:
         if not resume:
             self._rows.clear()
+            self._samples.clear()
+            self._extra = {}
+        return dict(self._extra)
+
+    def annotate(self, extra: dict[str, Any]) -> None:
+        self._extra.update(extra)
+
+    def write_samples(self, family: str, seed: int, records: list) -> None:
+        self._samples += [(seed, r) for r in records]
+
+    def samples(self, family: str, n: int, m: int | None) -> list[tuple[int, Any]]:
+        return list(self._samples)
 
     def write(self, batch: Batch, seed: int, sampler: str, per_test_point: bool) -> None:
         self._rows += [(seed, pid, r) for pid, r in batch]

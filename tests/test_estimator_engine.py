@@ -1,0 +1,80 @@
+"""Every ``shapley.estimator`` through the engine on Ray: matches exact enumeration, streams, resumes, and
+stops on split-half stability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import freeshap_ray
+from freeshap_ray.io import MarginalsStore
+from freeshap_ray.utility import RegressionProblem
+from freeshap_ray.valuation import exact_banzhaf, exact_shapley
+
+from .helpers import run_resumable
+from .test_shapley_resume import Interrupt, interrupt_after, kernels
+
+KW = dict(lam=0.5, kernel_divisor=1.0, num_cpus_per_task=0.5, permutations_per_task=25)
+
+
+def _problem(n=7, m=15):
+    k, kt, y, yt = kernels(n=n, m=m)
+    return (k, kt, y, yt), RegressionProblem.from_kernels(k, kt, y, yt, lam=0.5, kernel_divisor=1.0)
+
+
+@pytest.mark.parametrize("estimator,utility,budget", [
+    ("cv", "neg_ce", 600), ("stratified", "neg_ce", 600), ("stratified", "margin", 600),
+    ("msr_banzhaf", "neg_ce", 1500), ("msr_banzhaf", "accuracy", 1500)])
+def test_estimator_matches_exact_enumeration(ray_local, estimator, utility, budget):
+    """n = 7: within 3 stderr of exact Shapley (Banzhaf for msr_banzhaf); 7 comparisons, so a correct estimator
+    fails with probability < 2 %; ``tmc``'s own checks are in test_api_shapley / test_shapley_math."""
+    (k, kt, y, yt), prob = _problem()
+    exact = exact_banzhaf(prob, utility) if estimator == "msr_banzhaf" else exact_shapley(prob, utility)
+    assert np.abs(exact).max() > 1e-3, "degenerate test problem"
+    res = freeshap_ray.shapley(k, kt, y, yt, utility=utility, estimator=estimator, n_permutations=budget,
+                               truncation_tol=0.0, seed=3, **KW)
+    assert res.info["estimator"] == estimator and res.info["n_permutations"] == budget
+    z = np.abs(res.values - exact) / res.stderr
+    assert np.all(np.isfinite(res.stderr)) and z.max() < 3.0, (res.values, exact, res.stderr)
+    assert 0.0 <= res.info["sign_agreement_mean"] <= 1.0 and np.isfinite(res.info["stability_spearman"])
+
+
+@pytest.mark.parametrize("estimator", ["cv", "stratified", "msr_banzhaf"])
+def test_estimator_resumes_to_the_uninterrupted_result(ray_local, tmp_path, estimator):
+    _, prob = _problem(n=9, m=12)
+    kw = dict(utility="neg_ce", estimator=estimator, n_permutations=120, seed=5, truncation_tol=0.0,
+              permutations_per_task=10, num_cpus_per_task=0.5)
+    whole = run_resumable(prob, MarginalsStore(tmp_path / "whole"), **kw)
+    store = MarginalsStore(tmp_path / "killed")
+    with pytest.raises(Interrupt):
+        run_resumable(prob, store, on_batch=interrupt_after(3), **kw)
+    resumed = run_resumable(prob, store, **kw)
+    assert resumed.info["n_resumed"] > 0 and resumed.info["n_resumed"] + resumed.info["n_new"] == 120
+    np.testing.assert_array_equal(resumed.values.values, whole.values.values)
+    np.testing.assert_array_equal(resumed.values.stderr, whole.values.stderr)
+    again = run_resumable(prob, store, **kw)
+    assert again.info["n_new"] == 0
+    np.testing.assert_array_equal(again.values.values, whole.values.values)
+
+
+def test_stratified_records_its_plans_and_a_mismatched_estimator_is_refused(ray_local, tmp_path):
+    from freeshap_ray.errors import OutputError
+
+    _, prob = _problem(n=9, m=12)
+    store = MarginalsStore(tmp_path / "s")
+    run_resumable(prob, store, estimator="stratified", n_permutations=200, seed=1, truncation_tol=0.0,
+                  permutations_per_task=10, num_cpus_per_task=0.5)
+    plans = store.read_run()["extra"]["plans"]
+    assert [p[0] for p in plans][0] == 0 and len(plans) == 2  # the pilot, then the allocation from its end
+    with pytest.raises(OutputError, match="estimator"):
+        run_resumable(prob, store, estimator="msr_banzhaf", n_permutations=10, seed=1, truncation_tol=0.0,
+                      num_cpus_per_task=0.5)
+
+
+def test_spearman_rule_stops_once_halves_agree(ray_local):
+    (k, kt, y, yt), _ = _problem(n=10, m=20)
+    res = freeshap_ray.shapley(k, kt, y, yt, utility="neg_ce", n_permutations=20000, truncation_tol=0.0, seed=2,
+                               convergence="spearman", convergence_target=0.9, min_permutations=10,
+                               **{**KW, "permutations_per_task": 20})
+    assert res.info["stop_reason"].startswith("converged: split-half Spearman")
+    assert res.info["n_permutations"] < 20000 and res.info["convergence_metric"] >= 0.9
