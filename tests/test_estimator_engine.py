@@ -78,3 +78,16 @@ def test_spearman_rule_stops_once_halves_agree(ray_local):
                                **{**KW, "permutations_per_task": 20})
     assert res.info["stop_reason"].startswith("converged: split-half Spearman")
     assert res.info["n_permutations"] < 20000 and res.info["convergence_metric"] >= 0.9
+
+
+@pytest.mark.parametrize("estimator", ["tmc", "stratified", "msr_banzhaf"])
+def test_per_test_values_report_their_stability_and_trace(ray_local, estimator):
+    (k, kt, y, yt), _ = _problem(n=8, m=6)
+    res = freeshap_ray.shapley(k, kt, y, yt, utility="neg_ce", estimator=estimator, n_permutations=200,
+                               truncation_tol=0.0, seed=4, per_test_point=True, **{**KW, "permutations_per_task": 20})
+    assert res.values.shape == (8, 6)
+    rho = res.info["per_test_stability_spearman"]
+    assert -1.0 <= rho <= 1.0 and rho > 0.5  # 200 samples of an 8-point game: halves clearly agree
+    trace = res.info["stability_trace"]
+    assert trace and all(len(t) == 3 for t in trace) and trace[-1][1] == 200 and res.info["cpu_seconds"] > 0
+    assert [t[0] for t in trace] == sorted(t[0] for t in trace)  # CPU seconds accumulate

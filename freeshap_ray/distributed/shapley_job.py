@@ -50,9 +50,11 @@ def _batch(problem: RegressionProblem, ids: list[int], est: Estimator, ctx: Cont
         return est.run(problem, ids, ctx)
 
 
-def _batch_on_node(problem, ids, est, ctx) -> tuple[str, list]:
-    """``_batch`` plus the id of the node that ran it (recorded in the run info)."""
-    return ray.get_runtime_context().get_node_id(), _batch(problem, ids, est, ctx)
+def _batch_on_node(problem, ids, est, ctx) -> tuple[str, float, list]:
+    """``_batch`` plus the id of the node that ran it (recorded in the run info) and its CPU seconds."""
+    t = time.process_time()
+    records = _batch(problem, ids, est, ctx)
+    return ray.get_runtime_context().get_node_id(), time.process_time() - t, records
 
 
 def _todo_ids(count: int, skip: set[int], per_sample: int, start: int = 0) -> Iterator[int]:
@@ -96,6 +98,8 @@ class _Progress:
         self.rule = est.settings.stopping_rule()
         self.done: list[int] = []
         self.metric = float("nan")
+        self.cpu_seconds = 0.0
+        self.trace: list[tuple[float, int, float]] = []  # (CPU seconds, samples, split-half Spearman)
 
     def add(self, records: list, *, new: bool = True) -> None:
         n = self.problem.n
@@ -106,18 +110,32 @@ class _Progress:
         if new:
             self.done += _record_ids(self.est, records)
 
+    def stability(self) -> float:
+        """Spearman between the values of the two independent halves (recorded against CPU seconds)."""
+        n = self.problem.n
+        rho = _spearman(*(self.est.values(h, n).values for h in self.halves))
+        self.trace.append((self.cpu_seconds, len(self.done), rho))
+        return rho
+
     def converged(self) -> str | None:
         c = self.est.settings.config
         n = self.problem.n
         values = self.est.values(self.total, n)
+        rho = self.stability()
         if c.convergence != "spearman":
             reason = self.rule.check(values)
             self.metric = self.rule.last_metric
             return reason
-        self.metric = _spearman(*(self.est.values(h, n).values for h in self.halves))
-        if values.counts.size and int(values.counts.min()) >= c.min_permutations and self.metric >= c.convergence_target:
-            return f"converged: split-half Spearman {self.metric:.4f} >= {c.convergence_target:g}"
+        self.metric = rho
+        if values.counts.size and int(values.counts.min()) >= c.min_permutations and rho >= c.convergence_target:
+            return f"converged: split-half Spearman {rho:.4f} >= {c.convergence_target:g}"
         return None
+
+    def trace_info(self, points: int = 50) -> list[list[float]]:
+        """At most ``points`` (CPU seconds, new samples, split-half Spearman) triples, evenly spaced."""
+        t = self.trace
+        keep = range(len(t)) if len(t) <= points else sorted({round(k * (len(t) - 1) / (points - 1)) for k in range(points)})
+        return [[float(t[k][0]), int(t[k][1]), float(t[k][2])] for k in keep]
 
 
 def _stored_records(sink: MarginalsSink, est: Estimator, problem: RegressionProblem) -> tuple[list, set[int]]:
@@ -192,6 +210,8 @@ def run_valuation(problem: RegressionProblem, settings: ValuationSettings, sink:
         **result.sign.as_info(),
     )
     result.info["convergence_metric"] = state.metric
+    result.info["cpu_seconds"] = state.cpu_seconds
+    result.info["stability_trace"] = state.trace_info()
     if c.estimator != "tmc":
         result.info["estimator"] = c.estimator
     result.values.info.update(result.info)
@@ -251,13 +271,14 @@ class _FanOut:
                     stop_reason = f"time budget: {c.max_seconds:g} s"
                     break
                 try:
-                    node, records = ray.get(done[0])
+                    node, cpu, records = ray.get(done[0])
                 except ray.exceptions.RayTaskError as err:
                     cause = getattr(err, "cause", None)
                     if isinstance(cause, FreeShapError):
                         raise cause from None
                     raise
                 self.task_nodes[node] = self.task_nodes.get(node, 0) + 1
+                self.state.cpu_seconds += cpu
                 if self.est.family == "permutation":
                     self.sink.write(records, c.seed, c.sampler, c.per_test_point)
                 else:
@@ -266,7 +287,9 @@ class _FanOut:
                     self.on_batch(records)
                 self.state.add(records)
                 bar.update(len(records))
-                if check and (reason := self.state.converged()) is not None:
+                if not check:
+                    self.state.stability()
+                elif (reason := self.state.converged()) is not None:
                     stop_reason = reason
                     break
                 if c.max_seconds is not None and time.perf_counter() - t0 >= c.max_seconds:

@@ -60,8 +60,10 @@ def samples_by_seed(seeds: np.ndarray, ids: np.ndarray, marg: np.ndarray, sample
     return np.concatenate(out, axis=0) if out else marg[:0]
 
 
-def _per_test(sink: MarginalsSink, n: int, m: int, sampler: str, seed: int | None) -> ValuesResult:
+def _per_test(sink: MarginalsSink, n: int, m: int, sampler: str, seed: int | None) -> tuple[ValuesResult, float]:
+    """Per-test values of the stored permutations (of ``seed``) and the split-half Spearman of the (n, m) values."""
     per_test = ValuesResult.empty(n, m)
+    halves = [ValuesResult.empty(n, m), ValuesResult.empty(n, m)]
     seen: set[tuple[int, int]] = set()
     for seeds, ids, marg in sink.per_test_parts(n, m):
         keep = []
@@ -71,10 +73,15 @@ def _per_test(sink: MarginalsSink, n: int, m: int, sampler: str, seed: int | Non
                 keep.append(r)
         if keep:
             sel = np.array(keep)
-            samples = samples_by_seed(seeds[sel], ids[sel], marg[sel], sampler)
-            if samples.shape[0]:
-                per_test = per_test + ValuesResult.from_marginals(samples)
-    return per_test
+            for sd in np.unique(seeds[sel]):
+                one = sel[seeds[sel] == sd]
+                sample_ids, samples = samples_from_marginals(ids[one], marg[one], sampler)
+                if samples.shape[0]:
+                    per_test = per_test + ValuesResult.from_marginals(samples)
+                    for h in (0, 1):
+                        if np.any(sample_ids % 2 == h):
+                            halves[h] = halves[h] + ValuesResult.from_marginals(samples[sample_ids % 2 == h])
+    return per_test, _spearman(halves[0].values.ravel(), halves[1].values.ravel())
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -124,10 +131,13 @@ def aggregate(sink: MarginalsSink, n: int, m: int, est: Estimator, ctx: Context,
     mine = [r for sd, recs in by_seed.items() if all_seeds or sd == c.seed for r in recs.values()]
     mine.sort(key=lambda r: r.sample_id)
     overall = est.values(est.stats(mine, n, ctx), n)
-    per_test = None
+    per_test, per_test_rho = None, None
     if c.per_test_point:
-        full = [r for sd, r in sink.samples(est.family, n, m) if all_seeds or sd == c.seed]
-        per_test = est.values(est.stats(_unique(full), n, ctx, per_test=True), n, m)
+        full = _unique([(sd, r) for sd, r in sink.samples(est.family, n, m) if all_seeds or sd == c.seed])
+        per_test = est.values(est.stats(full, n, ctx, per_test=True), n, m)
+        h = [est.values(est.stats([r for r in full if est.half(r.sample_id, ctx) == k], n, ctx, per_test=True), n, m)
+             for k in (0, 1)]
+        per_test_rho = _spearman(h[0].values.ravel(), h[1].values.ravel())
     halves = [est.values(est.stats([r for r in mine if est.half(r.sample_id, ctx) == h], n, ctx), n) for h in (0, 1)]
     sign = _split_sign(est, mine, n, ctx, n_splits=sign_splits, seed=c.seed)
     others = {str(sd): _spearman(overall.values, est.values(est.stats(sorted(recs.values(), key=lambda r: r.sample_id),
@@ -142,6 +152,8 @@ def aggregate(sink: MarginalsSink, n: int, m: int, est: Estimator, ctx: Context,
         "seed_spearman": others,
         "duplicate_rows_ignored": int(len(rows) - sum(len(v) for v in by_seed.values())),
     }
+    if per_test_rho is not None:
+        info["per_test_stability_spearman"] = per_test_rho
     return Estimate(overall, per_test, sign, info)
 
 
@@ -187,9 +199,9 @@ def _aggregate_permutations(sink: MarginalsSink, n: int, m: int, est: Estimator,
     else:
         overall = ValuesResult.from_marginals(samples) if samples.shape[0] else ValuesResult.empty(n)
     sign = sign_agreement(samples, n_splits=sign_splits, seed=c.seed)
-    per_test = None
+    per_test, per_test_rho = None, None
     if c.per_test_point:
-        per_test = _per_test(sink, n, m, c.sampler, None if all_seeds else c.seed)
+        per_test, per_test_rho = _per_test(sink, n, m, c.sampler, None if all_seeds else c.seed)
         if est.name == "cv":
             per_test = _cv_per_test(sink, n, m, est, None if all_seeds else c.seed)
     halves = [samples[h::2].mean(axis=0) if samples.shape[0] > h else np.zeros(n) for h in (0, 1)]
@@ -214,6 +226,8 @@ def _aggregate_permutations(sink: MarginalsSink, n: int, m: int, est: Estimator,
         "stability_spearman": _spearman(np.asarray(halves[0]), np.asarray(halves[1])),
         "seed_spearman": others,
     }
+    if per_test_rho is not None:
+        info["per_test_stability_spearman"] = per_test_rho
     return Estimate(overall, per_test, sign, info)
 
 
