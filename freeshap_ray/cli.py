@@ -151,7 +151,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"shapley: {info['n_permutations']} permutations, v(N)={info['v_full']:.4f}, "
               f"v(empty)={info['v_empty']:.4f}, {info['seconds']:.1f} s -> {display(layout.values)}")
         print(f"shapley: {info['n_resumed']} resumed + {info['n_new']} new; stopped on {info['stop_reason']}; "
-              f"sign agreement between halves {info['sign_agreement_halves']:.3f}")
+              f"sign agreement between halves {info['sign_agreement_halves']:.3f}; split-half Spearman "
+              f"{info.get('stability_spearman', float('nan')):.3f} ({info.get('estimator', 'tmc')}, seed "
+              f"{cfg.shapley.seed}{'; other seeds stored: ' + ', '.join(info['seed_spearman']) if info.get('seed_spearman') else ''})")
         print(pipeline.summary(layout.values))
 
     if args.command == "run":

@@ -133,11 +133,11 @@ def test_clean_writes_every_table_with_its_schema(run):
     assert methods == {"freeshap", "random", "loo", "influence", "tracin", "loo_margin"}
 
 
-def test_suspects_are_ranked_by_value_with_loo_predictions(run):
+def test_suspects_are_ranked_by_score_with_values_and_loo_predictions(run):
     sus = pq.read_table(Layout.of(run["out"]).suspects).to_pandas()
     vals = pq.read_table(Layout.of(run["out"]).values).to_pandas()
     assert sus["rank"].tolist() == list(range(N_TRAIN))
-    assert np.all(np.diff(sus["value"].to_numpy()) >= 0)  # most suspicious (lowest value) first
+    assert np.all(np.diff(sus["score"].to_numpy()) >= 0)  # most suspicious (lowest score of clean.rank_by) first
     assert sorted(sus["index"]) == list(range(N_TRAIN)) and sus["flipped"].isna().all()
     merged = sus.set_index("index").loc[vals["index"]]
     assert np.array_equal(merged["value"].to_numpy(), vals["value"].to_numpy())
@@ -343,3 +343,41 @@ def test_suspects_writer_names_a_misordered_examples_file(tmp_path):
     with pytest.raises(OutputError, match=r"train.parquet: row 1 holds index 2"):
         write_suspects(tmp_path / "s.parquet", src, np.arange(3), cols, NAMES)
     assert not (tmp_path / "s.parquet").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_rank_by_auto_picks_the_method_that_found_the_injected_flips(run):
+    """auto: suspects are ranked by the method with the best detection AUC on this dataset, and say so."""
+    summary, out = run["summary"], run["out"]
+    aucs = {m: d["auc"] for m, d in summary["noise"]["methods"].items() if m != "random"}
+    best = summary["rank_by"]["method"]
+    assert aucs[best] == max(aucs.values()) and summary["rank_by"]["auc"] == aucs[best]
+    assert summary["rank_by"]["why"].startswith("auto: best detection AUC")
+    sus = pq.read_table(out / "suspects.parquet").to_pandas()
+    want = read_scores(Layout.of(out).scores)[best]
+    np.testing.assert_array_equal(sus.sort_values("index")["score"].to_numpy(), want)
+    assert np.all(np.diff(sus.sort_values("rank")["score"].to_numpy()) >= 0)  # most suspicious (lowest) first
+    assert best in summary["ranking"]
+
+
+def test_rank_by_is_validated():
+    with pytest.raises(ConfigError, match="^clean.rank_by"):
+        config_from_dict({**job_dict("x"), "clean": {"rank_by": "tracin", "baselines": ["random", "loo"]}})
+    with pytest.raises(ConfigError, match="^clean.rank_by"):
+        config_from_dict({**job_dict("x"), "clean": {"rank_by": "random"}})
+
+
+def test_noise_evaluation_uses_the_jobs_valuation_settings(ray_local, tmp_path):
+    """The values on the noisy labels are computed exactly as the job's: its stopping rule, time budget and
+    estimator apply (the budget alone is replaced by clean.noise_permutations when that is set)."""
+    from freeshap_ray.pipeline import run_shapley_stage
+
+    out = tmp_path / "out"
+    write_synthetic_run(out, n=60, m=30)
+    d = job_dict(out, baselines=["random", "loo"], curves=False)
+    d["shapley"].update(n_permutations=4000, convergence="rank", convergence_top_k=1, convergence_patience=1,
+                        min_permutations=4, estimator="cv", permutations_per_task=4)
+    cfg = config_from_dict(d)
+    run_shapley_stage(cfg, progress=False)
+    noise = run_clean(cfg, progress=False)["noise"]["shapley"]
+    assert noise["stop_reason"].startswith("converged") and noise["n_permutations"] < 4000
+    assert noise["estimator"] == "cv"

@@ -116,9 +116,9 @@ def test_report_of_a_run_without_clean_has_values_and_sign_only(ray_local, tmp_p
     write_synthetic_run(out, n=30, m=10)
     run_shapley_stage(config_from_dict(job_dict(out)), progress=False)
     text = build_report(out, top_k=3)
-    assert 'id="fig-values"' in text and 'id="fig-sign"' in text
+    assert 'id="fig-values"' in text and 'id="fig-sign"' in text and 'id="fig-stability"' in text
     assert 'id="fig-detection"' not in text and 'id="fig-curves"' not in text
-    assert "freeshap-ray clean CONFIG" in text and "data-figures-expected='2'" in text
+    assert "freeshap-ray clean CONFIG" in text and "data-figures-expected='3'" in text
     assert "sec-conflicts" not in text  # no duplicates.parquet
     custom = write_report(out, tmp_path / "elsewhere" / "r.html", top_k=2)
     assert custom.is_file() and not (out / "report.html").exists()

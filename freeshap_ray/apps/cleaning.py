@@ -226,6 +226,9 @@ def prepare_clean(cfg: JobConfig, *, overwrite: bool = False) -> CleanInputs:
         if cc.noise_fraction > 0:
             raise ConfigError("clean.noise_fraction: the noise evaluation recomputes values from the kernel; "
                               "it needs clean.use_kernel: true")
+        if cc.rank_by not in ("auto", "freeshap"):
+            raise ConfigError(f"clean.rank_by: {cc.rank_by!r} needs the kernel; with clean.use_kernel: false only "
+                              "'auto' or 'freeshap' is available")
         bad = [b for b in cc.baselines if b != "random"]
         if bad:
             raise ConfigError(f"clean.baselines: {bad} need the kernel; with clean.use_kernel: false only 'random' is available")
@@ -313,9 +316,8 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
         summary["conflicting_duplicates"] = inp.conflicts
     writes: list[tuple[str, Any]] = []  # (kind, args) performed after everything is computed
 
-    order_given = rank_order(inp.values, inp.labels, per_class_normalise=cc.per_class_normalise)
-    z = normalise_per_class(inp.values, inp.labels) if cc.per_class_normalise else inp.values
-    cols: dict[str, Any] = {"label": inp.labels, "value": inp.values, "stderr": inp.stderr, "score": z}
+    cols: dict[str, Any] = {"label": inp.labels, "value": inp.values, "stderr": inp.stderr}
+    scores: dict[str, np.ndarray] = {"freeshap": inp.values}
 
     if cc.use_kernel:
         t = time.perf_counter()
@@ -355,8 +357,8 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
                                        for r in ft]
             writes.append(("curves", (layout.curves, rows)))
         del surrogate
-    writes.insert(0, ("suspects", (layout.suspects, order_given, cols)))
 
+    methods: dict[str, dict[str, float]] = {}
     if cc.noise_fraction > 0:
         t = time.perf_counter()
         noisy, flipped = inject_noise(inp.labels, cc.noise_fraction, cc.noise_seed, len(inp.label_names))
@@ -367,7 +369,7 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
         nproblem = inp.problem(noisy)
         nsur = fit_surrogate(nproblem)
         nscores = _all_scores(inp, nproblem, nv, nsur, 1)
-        curves, methods = {}, {}
+        curves = {}
         for method, s in nscores.items():
             curve = detection_curve(rank_order(s, noisy, per_class_normalise=cc.per_class_normalise), flipped)
             curves[method] = curve.downsample()
@@ -386,6 +388,16 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
             "inspect_fraction": cc.inspect_fraction, "methods": methods, "shapley": ninfo,
             "loo_prediction_recovers_original": float(np.mean(ncols["predicted_label"][flipped] == inp.labels[flipped])),
         }
+
+    # ---- the ranking of the given labels: by the method clean.rank_by names, or the one that found the injected
+    # flips best on this very dataset (auto) ----
+    chosen, why = _rank_method(cc, scores, methods)
+    summary["rank_by"] = {"method": chosen, "why": why, "auc": methods.get(chosen, {}).get("auc")}
+    summary["ranking"] = (f"{'per-class z-score of the ' if cc.per_class_normalise else ''}"
+                          f"{'value' if chosen == 'freeshap' else chosen + ' score'} ({why})")
+    order_given = rank_order(scores[chosen], inp.labels, per_class_normalise=cc.per_class_normalise)
+    cols["score"] = normalise_per_class(scores[chosen], inp.labels) if cc.per_class_normalise else scores[chosen]
+    writes.insert(0, ("suspects", (layout.suspects, order_given, cols)))
 
     # ---- write (everything is computed); the summary goes last, outputs of an earlier clean are replaced ----
     t = time.perf_counter()
@@ -411,6 +423,18 @@ def run_clean(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
     summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(summary, layout.summary)
     return summary
+
+
+def _rank_method(cc, scores: dict[str, np.ndarray], methods: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """The method suspects are ranked by, and why: ``clean.rank_by`` as given, or for ``auto`` the method with the
+    best detection AUC in the noise evaluation (FreeShap first among equals; FreeShap without an evaluation)."""
+    if cc.rank_by != "auto":
+        return cc.rank_by, "clean.rank_by"
+    if not methods:
+        return "freeshap", "auto: no noise evaluation (clean.noise_fraction 0), so the values"
+    order = ["freeshap"] + [m for m in methods if m != "freeshap"]
+    best = max((m for m in order if m in scores and m != "random"), key=lambda m: methods[m]["auc"])
+    return best, f"auto: best detection AUC {methods[best]['auc']:.3f} on {cc.noise_fraction:g} injected noise"
 
 
 def _finetune_rows(inp: CleanInputs, values: np.ndarray) -> list[dict[str, Any]]:

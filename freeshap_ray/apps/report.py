@@ -37,7 +37,7 @@ from ..io.atomic import atomic_path
 
 __all__ = ["FIGURE_IDS", "build_report", "write_report"]
 
-FIGURE_IDS = ("fig-values", "fig-detection", "fig-curves", "fig-sign")
+FIGURE_IDS = ("fig-values", "fig-detection", "fig-curves", "fig-sign", "fig-stability")
 
 _METHOD_LABELS = {"freeshap": "FreeShap", "random": "random", "loo": "leave-one-out", "influence": "kernel influence",
                   "tracin": "TracIn (init)", "loo_margin": "LOO margin"}
@@ -277,6 +277,27 @@ def _fig_sign(run: _Run) -> str:
     return _png(fig)
 
 
+def _fig_stability(info: dict[str, Any]) -> str:
+    """Split-half Spearman of the values against the CPU seconds spent (the convergence trace of the run)."""
+    plt = _plt()
+    trace = np.asarray(info.get("stability_trace") or [], dtype=np.float64).reshape(-1, 3)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if trace.size:
+        ax.plot(trace[:, 0], trace[:, 2], marker="o", ms=3, color="C0")
+    target = (info.get("convergence_target") if info.get("stop_reason", "").startswith("converged: split-half")
+              else None)
+    if target:
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("CPU seconds of the sampling tasks (this run)")
+    ax.set_ylabel("split-half Spearman of the values")
+    ax.set_ylim(-0.05, 1.02)
+    rho = info.get("stability_spearman")
+    ax.set_title(f"Convergence: split-half Spearman {rho:.3f} after {info.get('n_samples', '?')} samples"
+                 if isinstance(rho, float) and np.isfinite(rho) else "Convergence", fontsize=10)
+    return _png(fig)
+
+
 # --------------------------------------------------------------------------------------------------
 # HTML
 
@@ -429,12 +450,27 @@ def build_report(out_dir: str | Path, *, top_k: int = 10) -> str:
                          "per-point fraction of random half-splits of the permutations whose two estimates agree in sign."))
     figs.append("fig-sign")
 
+    # convergence
+    shapley_info = {**run.manifest.get("stages", {}).get("shapley", {}),
+                    "convergence_target": run.manifest.get("config", {}).get("shapley", {}).get("convergence_target")}
+    parts.append("<h2 id='sec-stability'>Convergence</h2>")
+    stop = _e(shapley_info.get("stop_reason", "?"))
+    est = _e(shapley_info.get("estimator", run.manifest.get("config", {}).get("shapley", {}).get("estimator", "tmc")))
+    parts.append(_figure("fig-stability", _fig_stability(shapley_info),
+                         f"Estimator {est}; stopped on {stop}. Each point: the Spearman correlation between the values "
+                         "of two independent halves of the samples so far (1 = the ranking no longer depends on the "
+                         "sampling), against the sampling tasks' CPU seconds."))
+    figs.append("fig-stability")
+
     # suspected wrong labels
     parts.append("<h2 id='sec-suspects'>Suspected wrong labels</h2>")
     sus, total = run.suspected_mislabels(top_k)
     if sus:
+        rank_by = (run.summary or {}).get("rank_by") or {}
+        how = (f" Ranked by {_e(_METHOD_LABELS.get(rank_by.get('method'), rank_by.get('method')))} "
+               f"({_e(rank_by.get('why', ''))})." if rank_by else "")
         parts.append(f"<p>{total} training points have a leave-one-out surrogate prediction that disagrees with their "
-                     f"label; the {len(sus)} most suspicious (lowest score) of them:</p>")
+                     f"label; the {len(sus)} most suspicious (lowest score) of them.{how}</p>")
         head = ("<tr><th>rank</th><th>index</th><th>label</th><th>LOO prediction</th><th>value</th><th>LOO margin</th>"
                 "<th>text</th></tr>")
         body = "".join(

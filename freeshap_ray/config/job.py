@@ -332,6 +332,9 @@ class CleanConfig:
     ``finetune_fractions`` by really fine-tuning the label-word head + ``model.params`` (AdamW,
     ``finetune_epochs``, ``finetune_lr``, ``finetune_batch_size``; the subsets are spread over Ray
     tasks of ``finetune_num_cpus`` CPUs) — small models only, see ``freeshap_ray.apps.finetune``.
+    ``rank_by``: what ranks the suspects: ``auto`` (the method — FreeShap or a baseline — that found the injected
+    flips best on this dataset, by detection AUC; FreeShap when there is no noise evaluation), ``freeshap``, or a
+    baseline of ``baselines``.
     """
 
     _METHODS = ("random", "loo", "influence", "tracin", "loo_margin")  # class attribute, not a key
@@ -354,8 +357,12 @@ class CleanConfig:
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 16
     finetune_num_cpus: float = 1.0
+    rank_by: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.rank_by not in ("auto", "freeshap", *self.baselines) or self.rank_by == "random":
+            raise ConfigError(f"clean.rank_by: must be 'auto', 'freeshap' or one of clean.baselines "
+                              f"{[b for b in self.baselines if b != 'random']}, got {self.rank_by!r}")
         if not 0.0 <= self.noise_fraction < 1.0:
             raise ConfigError(f"clean.noise_fraction: must be in [0, 1), got {self.noise_fraction}")
         if self.curve_steps < 2:
