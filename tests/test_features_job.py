@@ -211,3 +211,16 @@ def test_file_uri_written_by_the_workers(ref, model, tmp_path):
          "test-00000000.parquet", "test-00000002.parquet"])
     for split in ("train", "test"):
         np.testing.assert_array_equal(store.read_matrix(split)[0], ref["first_logit"][0].read_matrix(split)[0])
+
+
+def test_unplaceable_actors_are_a_config_error(ray_local, model, tmp_path, monkeypatch):
+    """Actors that need a resource no node has: a ConfigError naming the key once the start timeout passes (no
+    hang), the pending actors released."""
+    from freeshap_ray.distributed import features_job
+
+    monkeypatch.setattr(features_job, "ACTOR_START_TIMEOUT_S", 3)
+    job = job_of(model, resources_per_actor={"no_such_slot": 1})
+    with pytest.raises(ConfigError, match=r"^kernel.num_actors: 2 feature actors .*\{'no_such_slot': 1\} each did "
+                                          r"not start within 3 s"):
+        compute_features(job, FeatureStore(tmp_path / "features"), labels=LABELS, progress=False)
+    wait_for_free_cpus()

@@ -148,21 +148,20 @@ def compute_features(job: KernelInputs, store: FeatureStore, *, labels: Mapping[
     finished = store.begin(plan, overwrite=overwrite)
     todo = store.missing_shards(plan)
     if finished and not todo:
-        return {**store.dataset_info()["stats"], "reused": True}
+        info = store.dataset_info()
+        return {**info["stats"], "dim": info["dim"], "reused": True}
     store.unfinish()
     rows = sum(s.rows for s in todo)
     nodes: dict[str, int] = {}
     busy = 0.0
-    bar = tqdm(total=rows, desc="features", unit="row", disable=not progress)
     t1 = time.perf_counter()
-    with _data_context():
+    with tqdm(total=rows, desc="features", unit="row", disable=not progress) as bar, _data_context():
         for done, status in enumerate(_statuses(job, store, plan, todo, texts, labels) if todo else (), 1):
             nodes[status["node"]] = nodes.get(status["node"], 0) + 1
             busy += float(status["seconds"])
             bar.update(int(status["rows"]))
             if on_shard is not None:
                 on_shard(status, done)
-    bar.close()
     wall = time.perf_counter() - t1
     stats = {"shards_computed": len(todo), "shards_skipped": len(plan.shards()) - len(todo), "rows_computed": rows,
              "seconds": {"features": wall, "shard_sum": busy, "total": time.perf_counter() - t0},
