@@ -161,6 +161,56 @@ def test_resume_computes_only_missing_shards(ref, model, tmp_path):
             np.testing.assert_array_equal(got_arr, want_arr)
 
 
+def test_killed_actor_is_restarted_and_its_shards_redone(ref, model, tmp_path):
+    """The actor that wrote the first shard is SIGKILLed (it has the next shard queued): Ray Data restarts it
+    (kernel.max_restarts) and retries its calls; every shard is written once more or for the first time and the
+    result equals the uninterrupted run's."""
+    import os
+    import signal
+
+    killed = []
+
+    def kill(status, done):
+        if done == 1:
+            killed.append(int(status["pid"]))
+            os.kill(killed[0], signal.SIGKILL)
+
+    store = FeatureStore(tmp_path / "features")
+    stats = compute_features(job_of(model), store, labels=LABELS, progress=False, on_shard=kill)
+    assert killed and stats["shards_computed"] == N_SHARDS and sum(stats["nodes"].values()) >= N_SHARDS
+    assert not store.names(hidden=True)  # a temp file of a write cut short is removed by finish
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(store.read_matrix(split)[0], ref["first_logit"][0].read_matrix(split)[0])
+
+
+def test_lost_pass_reruns_the_missing_shards(ref, model, tmp_path, monkeypatch):
+    """When Ray Data gives up (here: the first pass raises RayActorError after one shard) the missing shards are
+    run again, at most kernel.max_restarts times."""
+    import ray
+
+    from freeshap_ray.distributed import features_job
+
+    real, passes = features_job._statuses, []
+
+    def flaky(job, store, plan, todo, texts, labels):
+        passes.append(len(todo))
+        for status in real(job, store, plan, todo, texts, labels):
+            yield status
+            if len(passes) == 1:
+                raise ray.exceptions.RayActorError()
+
+    monkeypatch.setattr(features_job, "_statuses", flaky)
+    store = FeatureStore(tmp_path / "a")
+    stats = compute_features(job_of(model, max_restarts=1), store, labels=LABELS, progress=False)
+    assert passes[0] == N_SHARDS and 1 <= passes[1] <= N_SHARDS - 1 and len(passes) == 2
+    assert (stats["reruns"], stats["shards_computed"]) == (1, N_SHARDS)
+    np.testing.assert_array_equal(store.read_matrix("train")[0], ref["first_logit"][0].read_matrix("train")[0])
+    passes.clear()
+    with pytest.raises(ray.exceptions.RayActorError):  # max_restarts 0: no rerun
+        compute_features(job_of(model, max_restarts=0), FeatureStore(tmp_path / "b"), labels=LABELS, progress=False)
+    assert len(passes) == 1
+
+
 def test_readers_see_the_same_rows(ref, tmp_path):
     """Ray Data, datasets and pandas read the directory (they skip _plan.json/_manifest.json) as one table."""
     import datasets

@@ -9,14 +9,16 @@ an output URI: nothing goes through the driver), then returns one small status r
 node). The driver only counts the status rows (a progress bar with ETA) and, at the end, checks every
 shard and writes the manifest.
 
-Ray Data restarts a dead actor and retries its shard (``kernel.max_restarts``); an interrupted job leaves only
-complete shards (each appears atomically), and a rerun computes only the missing ones.
+Ray Data restarts a dead actor and retries its shards (``kernel.max_restarts``); if it gives up (an actor, worker
+or node lost for good), the missing shards are run again, up to ``kernel.max_restarts`` times. An interrupted job
+leaves only complete shards (each appears atomically), and a rerun computes only the missing ones.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,7 +31,7 @@ import ray
 from tqdm.auto import tqdm
 
 from ..config import KernelConfig, ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..io import FeaturePlan, FeatureStore, ShardSpec
 from ..kernel.worker import KernelWorker
 from .kernel_job import KernelInputs
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT_S = 900  # the whole pool must be up (model loaded) within this, else a ConfigError
 TASKS_IN_FLIGHT = 2  # shards queued per actor: the next one is ready when the current one ends
+# Losses that a rerun of the missing shards can repair (actor out of restarts, dead worker or node, lost object).
+LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+        ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError)
 
 
 class FeatureWriter:
@@ -58,7 +63,8 @@ class FeatureWriter:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        """One shard (a batch of one row: split, start, stop, texts, labels) → one status row."""
+        """One shard (a batch of one row: split, start, stop, texts, labels) → one status row (shard file name,
+        rows, seconds, Ray node id and process id of this actor)."""
         if batch.num_rows != 1:
             raise RuntimeError(f"FeatureWriter: expected one shard per call, got {batch.num_rows}")
         row = batch.to_pylist()[0]
@@ -67,7 +73,8 @@ class FeatureWriter:
         feats = self.worker.features(list(row["texts"]))
         self.store.write_shard(self.plan, spec, row["labels"], feats)
         return {"shard": np.array([spec.name]), "rows": np.array([spec.rows]),
-                "seconds": np.array([time.perf_counter() - t0]), "node": np.array([self.node])}
+                "seconds": np.array([time.perf_counter() - t0]), "node": np.array([self.node]),
+                "pid": np.array([os.getpid()])}
 
 
 def _check(job: KernelInputs) -> None:
@@ -139,7 +146,8 @@ def compute_features(job: KernelInputs, store: FeatureStore, *, labels: Mapping[
 
     Returns:
         Statistics (also in the manifest): ``shards_computed``, ``shards_skipped``, ``rows_computed``, ``seconds``
-        (wall, and summed over shards), ``rows_per_second``, ``nodes`` (shards per Ray node id), ``dim``.
+        (wall, and summed over shards), ``rows_per_second``, ``nodes`` (shards per Ray node id), ``reruns`` (passes
+        repeated after a lost actor/worker/node), ``dim``.
     """
     _check(job)
     t0 = time.perf_counter()
@@ -150,21 +158,39 @@ def compute_features(job: KernelInputs, store: FeatureStore, *, labels: Mapping[
     if finished and not todo:
         info = store.dataset_info()
         return {**info["stats"], "dim": info["dim"], "reused": True}
+    skipped = len(plan.shards()) - len(todo)
     store.unfinish()
     rows = sum(s.rows for s in todo)
     nodes: dict[str, int] = {}
-    busy = 0.0
+    busy, done, failures = 0.0, 0, 0
     t1 = time.perf_counter()
     with tqdm(total=rows, desc="features", unit="row", disable=not progress) as bar, _data_context():
-        for done, status in enumerate(_statuses(job, store, plan, todo, texts, labels) if todo else (), 1):
-            nodes[status["node"]] = nodes.get(status["node"], 0) + 1
-            busy += float(status["seconds"])
-            bar.update(int(status["rows"]))
-            if on_shard is not None:
-                on_shard(status, done)
+        while todo:
+            try:
+                for status in _statuses(job, store, plan, todo, texts, labels):
+                    done += 1
+                    nodes[status["node"]] = nodes.get(status["node"], 0) + 1
+                    busy += float(status["seconds"])
+                    bar.update(int(status["rows"]))
+                    if on_shard is not None:
+                        on_shard(status, done)
+            except LOST as err:  # Ray Data gave up on a shard: run the missing ones again
+                failures += 1
+                if failures > job.kernel.max_restarts:
+                    raise
+                log.warning("features: %s; rerunning the missing shards (%d of kernel.max_restarts=%d)",
+                            type(err).__name__, failures, job.kernel.max_restarts)
+                todo = store.missing_shards(plan)
+                continue
+            todo = store.missing_shards(plan)
+            if todo:  # every call returned, yet the driver does not see the file
+                raise OutputError(f"{store.where(todo[0].name)}: written by a feature actor but not visible here; a "
+                                  "local output directory must be shared by every node (or use an output URI)")
     wall = time.perf_counter() - t1
-    stats = {"shards_computed": len(todo), "shards_skipped": len(plan.shards()) - len(todo), "rows_computed": rows,
+    n_shards = len(plan.shards())
+    stats = {"shards_computed": n_shards - skipped, "shards_skipped": skipped, "rows_computed": rows,
              "seconds": {"features": wall, "shard_sum": busy, "total": time.perf_counter() - t0},
-             "rows_per_second": rows / max(wall, 1e-9), "nodes": nodes, "num_actors": job.kernel.num_actors}
+             "rows_per_second": rows / max(wall, 1e-9), "nodes": nodes, "num_actors": job.kernel.num_actors,
+             "reruns": failures}
     info = store.finish(plan, stats)
     return {**stats, "dim": info["dim"], "reused": False}

@@ -85,13 +85,14 @@ class FeatureStore:
         """A file of the store as users name it (the URI for a URI store), for messages."""
         return f"{self.root}/{name}"
 
-    def names(self) -> list[str]:
-        """Base names of the files in the directory (no temp files), sorted."""
+    def names(self, *, hidden: bool = False) -> list[str]:
+        """Base names of the files in the directory, sorted (``hidden``: only the temp files ``.*``)."""
         from pyarrow import fs as pafs
 
         fs, base = self._fs
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+        return sorted(i.base_name for i in infos
+                      if i.type == pafs.FileType.File and i.base_name.startswith(".") == hidden)
 
     def shard_names(self) -> list[str]:
         return [n for n in self.names() if n.endswith(".parquet") and not n.startswith("_")]
@@ -139,8 +140,8 @@ class FeatureStore:
 
     # ---- plan and resume
     def clear(self) -> None:
-        """Delete every file of the directory (shards, plan, manifest)."""
-        for name in self.names():
+        """Delete every file of the directory (shards, plan, manifest, temp files)."""
+        for name in self.names() + self.names(hidden=True):
             self._delete(name)
 
     def begin(self, plan: FeaturePlan, *, overwrite: bool = False) -> bool:
@@ -251,7 +252,8 @@ class FeatureStore:
         return meta
 
     def finish(self, plan: FeaturePlan, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check every shard's footer (plan, RNG checksum, rows, width) and write the manifest, last.
+        """Check every shard's footer (plan, RNG checksum, rows, width), delete temp files left by killed writers
+        and write the manifest, last (call it when no writer runs).
 
         Returns:
             The manifest (:meth:`dataset_info`).
@@ -267,6 +269,8 @@ class FeatureStore:
             if pf.metadata.num_rows != spec.rows or width != dim * plan.outputs:
                 raise OutputError(f"{self.where(spec.name)}: {pf.metadata.num_rows} rows of width {width}, expected "
                                   f"{spec.rows} of {dim * plan.outputs}; delete it and rerun")
+        for name in self.names(hidden=True):  # temp files of writers killed mid-write (none is running now)
+            self._delete(name)
         splits = {s: {"rows": n, "shards": [x.name for x in plan.shards(s)]} for s, n in plan.sizes}
         manifest = {**plan.record(), "schema": "features/1", "dim": dim, "width": None if dim is None else
                     dim * plan.outputs, "numpy": np.__version__, "splits": splits, "stats": stats or {}}
