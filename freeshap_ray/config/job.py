@@ -137,7 +137,8 @@ class KernelConfig:
     estimate of the eNTK (:mod:`freeshap_ray.grads.projection` states the budget rule); 0 is exact.
     ``projection_block``: matrix-shaped tensors (Linear weights, embeddings) are projected as independent
     Kronecker blocks of at most ``s × s`` (``0``: one Kronecker product per tensor, noisier on layers that
-    only the read position reaches).
+    only the read position reaches). ``feature_shard_rows``: examples per Parquet shard of ``OUT/features``
+    (the projected-features dataset; one shard is one actor call and the unit of resume).
 
     ``backend``: ``torch`` (every actor holds the whole model) or ``deepspeed`` (the ``num_actors`` actors
     are the ranks of one DeepSpeed ZeRO-3 group, each holding 1/``num_actors`` of every parameter, for a
@@ -164,6 +165,7 @@ class KernelConfig:
     projection_dim: int = 0
     projection_seed: int = 0
     projection_block: int = 4
+    feature_shard_rows: int = 512
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
@@ -173,7 +175,8 @@ class KernelConfig:
         if self.backend == "deepspeed":
             check_zero3_fields(self)
         check_actor_fields(
-            self, "kernel", ("block_size", "num_actors", "chunk_params", "param_shards", "micro_batch_tokens")
+            self, "kernel", ("block_size", "num_actors", "chunk_params", "param_shards", "micro_batch_tokens",
+                           "feature_shard_rows")
         )
         for key in ("projection_dim", "projection_seed", "projection_block"):
             if getattr(self, key) < 0:

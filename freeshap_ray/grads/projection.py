@@ -79,6 +79,7 @@ __all__ = [
     "allocate",
     "gaussian",
     "plan_projection",
+    "rng_checksum",
     "tensor_forms",
 ]
 
@@ -150,6 +151,17 @@ def gaussian(seed: int, name: str, part: str, shape: tuple[int, int], std: float
             _, old = _CACHE.popitem(last=False)
             _CACHE_USED[0] -= old.numel() * 4
     return t
+
+
+CHECKSUM_SHAPE = (16, 256)  # the probe matrix of :func:`rng_checksum`
+
+
+def rng_checksum(seed: int) -> str:
+    """blake2b hex digest of one probe matrix generated exactly as projection matrices are (same stream
+    derivation, float32 ziggurat): equal on two processes iff they generate the same projections for ``seed``
+    (a different numpy release or RNG changes it)."""
+    x = _stream(seed, "freeshap_ray.rng_checksum", "probe").standard_normal(CHECKSUM_SHAPE, dtype=np.float32)
+    return hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).hexdigest()
 
 
 # ---- one tensor's projection ----------------------------------------------------------------------------

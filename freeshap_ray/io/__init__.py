@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .atomic import atomic_path, remove_path, write_json_atomic, write_parquet_atomic
+from .feature_plan import FeaturePlan, ShardSpec, features_schema
+from .features import FeatureStore
 from .layout import Layout
 from .manifest import RunManifest, StageEntry, versions
 from .stores import (
@@ -22,7 +24,11 @@ from .stores import (
 )
 
 __all__ = [
+    "FeaturePlan",
+    "FeatureStore",
     "Layout",
+    "ShardSpec",
+    "features_schema",
     "RunManifest",
     "StageEntry",
     "versions",

@@ -8,6 +8,9 @@ OUT/kernel/plan.json                   signature of the plan the tiles belong to
 OUT/kernel/manifest.json               kind, shapes, blocks, tiles, parameter count, condition number
 OUT/kernel/train_train/tile-rRRRRR-cCCCCC.parquet   lower-triangular train×train tiles
 OUT/kernel/test_train/tile-rRRRRR-cCCCCC.parquet    test×train tiles
+OUT/features/_plan.json, OUT/features/{train,test}-NNNNNNNN.parquet, OUT/features/_manifest.json
+                                       (kernel.projection_dim > 0) projected features, one row per example
+                                       (io/features.py; written by the workers, the manifest last)
 OUT/shapley/run.json                   what the marginals are of (problem digest, utility, sampler, ...)
 OUT/shapley/marginals/part-NNNNN.parquet            per-permutation marginal contributions (whole permutations)
 OUT/values.parquet                     one row per training example

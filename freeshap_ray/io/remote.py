@@ -12,6 +12,8 @@ Design: the job keeps working on a local directory â€” the *staging* directory â
   "persisted before counted" holds for the remote copy too; on a filesystem with atomic rename
   (local, HDFS) the upload goes to a hidden temp name first, on an object store one PUT is atomic;
 * deletions made through :func:`~freeshap_ray.io.atomic.remove_path` are applied remotely at once;
+* ``features/`` (:data:`DIRECT`) is not mirrored: :class:`~freeshap_ray.io.features.FeatureStore` reads and
+  writes it at the URI itself, from every node;
 * closing (end of a CLI command, or process exit) uploads anything changed that bypassed the
   hooks, deletes remote files removed locally, and deletes the staging directory.
 
@@ -47,6 +49,7 @@ __all__ = [
     "committed",
     "display",
     "filesystem_from_uri",
+    "has_atomic_rename",
     "is_uri",
     "local_root",
     "open_outputs",
@@ -59,6 +62,9 @@ log = logging.getLogger(__name__)
 _OBJECT_STORES = ("s3", "gcs", "abfs", "mock")  # pyarrow type names: no atomic rename, probe with a PUT
 _IMPLICIT_DIRS = ("s3", "gcs")  # no directory objects needed (none are created)
 _PROBE_NAME = ".freeshap-ray-write-test"
+# Top-level directories that their stores read and write at the URI directly (workers on every node write
+# there): never downloaded into, nor uploaded from, the staging copy.
+DIRECT = ("features",)
 _CHUNK = 8 << 20
 
 
@@ -116,6 +122,15 @@ def _base_type(fs) -> str:
     return fs.type_name
 
 
+def has_atomic_rename(fs) -> bool:
+    """Whether ``fs`` renames atomically (local, HDFS); object stores make a written object visible at once."""
+    return _base_type(fs) in ("local", "hdfs")
+
+
+def _direct(rel: str) -> bool:
+    return rel.split("/", 1)[0] in DIRECT
+
+
 def _credentials_hint(scheme: str) -> str:
     home = Path.home()
     if scheme == "s3":
@@ -171,7 +186,7 @@ class RemoteOutput:
 
     def __init__(self, uri: str, fs, path: str, staging: Path) -> None:
         self.uri, self.fs, self.path, self.staging = uri, fs, path.rstrip("/"), Path(staging)
-        self.atomic_rename = _base_type(fs) in ("local", "hdfs")
+        self.atomic_rename = has_atomic_rename(fs)
         self.implicit_dirs = _base_type(fs) in _IMPLICIT_DIRS
         self._synced: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) of the copy on both sides
         self._dirs: set[str] = set()
@@ -207,6 +222,8 @@ class RemoteOutput:
             if info.type != pafs.FileType.File or _is_temp_name(info.base_name):
                 continue
             rel = info.path[len(self.path) :].lstrip("/")
+            if _direct(rel):
+                continue
             dest = self.staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
@@ -274,6 +291,8 @@ class RemoteOutput:
                 if not p.is_file() or _is_temp_name(p.name):
                     continue
                 rel = p.relative_to(self.staging).as_posix()
+                if _direct(rel):
+                    continue
                 present.add(rel)
                 if self._synced.get(rel) != self._stat(p):
                     self.upload(p)

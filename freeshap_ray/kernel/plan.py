@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..config import KernelConfig, ModelConfig, config_to_dict
 
-__all__ = ["Tile", "blocks", "plan_signature", "tiles"]
+__all__ = ["Tile", "blocks", "features_signature", "plan_signature", "tiles"]
 
 
 @dataclass(frozen=True)
@@ -48,4 +49,29 @@ def plan_signature(train_texts, test_texts, model_cfg: ModelConfig, cfg: KernelC
         h.update(str(len(split)).encode())
         for t in split:
             h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+def features_signature(texts: Mapping[str, Sequence[str]], labels: Mapping[str, Sequence[int]], model_cfg: ModelConfig,
+                       cfg: KernelConfig) -> str:
+    """Hash of everything that determines a projected-features dataset's shards: the model, kind, projection,
+    shard size and each split's texts and labels (in ``texts`` order; not resources, method or block size).
+
+    Raises:
+        ValueError: ``cfg.projection_dim`` is 0, or a split's labels do not match its texts.
+    """
+    if cfg.projection_dim <= 0:
+        raise ValueError("kernel.projection_dim: features need a projection (> 0)")
+    h = hashlib.sha256(b"features/1\0")
+    h.update(json.dumps(config_to_dict(model_cfg), sort_keys=True).encode())
+    h.update(json.dumps({"kind": cfg.kind, "projection_dim": cfg.projection_dim, "projection_seed": cfg.projection_seed,
+                         "projection_block": cfg.projection_block, "shard_rows": cfg.feature_shard_rows}).encode())
+    for split, split_texts in texts.items():
+        split_labels = [int(x) for x in labels[split]]
+        if len(split_labels) != len(split_texts):
+            raise ValueError(f"{split}: {len(split_labels)} labels for {len(split_texts)} texts")
+        h.update(f"{split}\0{len(split_texts)}\0".encode())
+        for t in split_texts:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+        h.update(json.dumps(split_labels).encode())
     return h.hexdigest()
