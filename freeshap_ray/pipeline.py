@@ -7,6 +7,7 @@ written, so bad input leaves no output directory behind. Every artifact is writt
 from __future__ import annotations
 
 import logging
+import time
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,10 @@ import numpy as np
 
 from .config import JobConfig, config_to_dict
 from .data import Splits, load_splits
-from .errors import OutputError
+from .errors import ConfigError, OutputError
 from .grads import param_sizes
 from .io import (
+    FeatureStore,
     KernelStore,
     Layout,
     MarginalsStore,
@@ -33,7 +35,8 @@ from .io import (
 from .io.remote import display
 from .kernel import condition_number
 from .models import load_classifier, resolve_model_path, select_params
-from .utility import RegressionProblem
+from .utility import FeatureProblem, RegressionProblem
+from .utility.solver import choose_solver
 
 if TYPE_CHECKING:
     from .distributed.kernel_job import KernelInputs
@@ -84,9 +87,9 @@ class KernelStage:
     """
 
     def __init__(self, cfg: JobConfig, splits: Splits, job: KernelInputs, model_info: dict[str, Any], resume: bool,
-                 finished: bool = False):
+                 finished: bool = False, overwrite: bool = False):
         self.cfg, self.splits, self.job, self.model_info = cfg, splits, job, model_info
-        self.resume, self.finished = resume, finished
+        self.resume, self.finished, self.overwrite = resume, finished, overwrite
         self.layout = Layout.of(cfg.output)
 
 
@@ -115,7 +118,7 @@ def prepare_kernel_stage(cfg: JobConfig, *, overwrite: bool = False, train=None,
             raise OutputError(f"output: {layout.kernel_manifest} is a finished kernel of a different config/data; "
                               "pass --overwrite to replace it")
         return KernelStage(cfg, splits, job, info, resume=True, finished=True)
-    return KernelStage(cfg, splits, job, info, store.resumable(job.signature, overwrite))
+    return KernelStage(cfg, splits, job, info, store.resumable(job.signature, overwrite), overwrite=overwrite)
 
 
 def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None) -> dict[str, Any]:
@@ -140,11 +143,14 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     if splits.duplicates is not None:
         write_duplicates(layout, splits.duplicates, splits.label_names)
     store = KernelStore(layout)
-    info = {**compute_kernel(stage.job, store, resume=stage.resume, progress=progress, on_tile=on_tile),
-            **stage.model_info}
-    k = store.assemble(info).first_logit_train
-    info["condition_number_first_logit"] = condition_number(k)
-    info["diag_mean"] = float(np.diagonal(k).mean())
+    if cfg.kernel.projection_dim > 0:  # features instead of tiles: nothing n×n is formed
+        info = {**_features(stage, progress), **stage.model_info}
+    else:
+        info = {**compute_kernel(stage.job, store, resume=stage.resume, progress=progress, on_tile=on_tile),
+                **stage.model_info}
+        k = store.assemble(info).first_logit_train
+        info["condition_number_first_logit"] = condition_number(k)
+        info["diag_mean"] = float(np.diagonal(k).mean())
     store.finish(info)
     data_info = {"data": splits.source, "model_dir": str(stage.job.model_dir), "data_summary": splits.summary()}
     if splits.duplicates is not None:
@@ -154,16 +160,80 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     return info
 
 
+def _features(stage: KernelStage, progress: bool) -> dict[str, Any]:
+    """The projected-features form of the kernel stage: ``OUT/features/`` (shards written by the workers); returns
+    the kernel manifest's statistics (no tiles: the kernel is ⟨φ(x), φ(x')⟩ of the stored features)."""
+    from .distributed.features_job import compute_features
+
+    t0 = time.perf_counter()
+    cfg, splits, job = stage.cfg, stage.splits, stage.job
+    stats = compute_features(job, FeatureStore.of(cfg.output), overwrite=stage.overwrite, progress=progress,
+                             labels={"train": splits.train.labels, "test": splits.test.labels})
+    k = cfg.kernel
+    return {
+        "kind": k.kind, "representation": "features", "n_train": len(splits.train), "n_test": len(splits.test),
+        "n_classes": len(cfg.model.label_words), "n_params": int(sum(job.param_sizes)),
+        "projection": {"dim": int(stats.get("dim") or k.projection_dim), "requested_dim": k.projection_dim,
+                       "seed": k.projection_seed, "block": k.projection_block},
+        "block_size": k.block_size, "num_actors": k.num_actors, "backend": k.backend, "signature": job.signature,
+        "tiles": {"train_train": [], "test_train": []}, "features": stats,
+        "seconds": {"features": stats.get("seconds", {}).get("features", 0.0), "total": time.perf_counter() - t0},
+        "condition_number_first_logit": None,
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Shapley stage
 
 
-def load_problem(layout: Layout, cfg: JobConfig) -> tuple[RegressionProblem, Any]:
+class ProblemSource:
+    """A finished kernel stage, ready to give the regression problem for any training labels.
+
+    Exact kernels give a dual :class:`RegressionProblem` (n×n); projected features (``kernel.projection_dim > 0``)
+    give a :class:`FeatureProblem` solved in feature space (``shapley.solver: primal``; nothing n×n), or turned
+    into the dual one when ``shapley.solver`` is ``dual`` or ``auto`` finds it cheaper.
+    """
+
+    def __init__(self, layout: Layout, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.info = KernelStore(layout).manifest()
+        self.features = self.info.get("representation") == "features"
+        if cfg.shapley.solver == "primal" and not self.features:
+            raise ConfigError("shapley.solver: 'primal' works on projected features; set kernel.projection_dim > 0 "
+                              "(or use solver: dual / auto)")
+        if self.features:
+            fs = FeatureStore.of(cfg.output)
+            self._phi = (fs.read_matrix("train")[0], fs.read_matrix("test")[0])
+        else:
+            self._kernel = read_kernel(layout.root)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.info["n_train"])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.info["n_classes"])
+
+    def problem(self, y_train: np.ndarray, y_test: np.ndarray) -> RegressionProblem | FeatureProblem:
+        sc = self.cfg.shapley
+        if not self.features:
+            return self._kernel.problem(y_train, y_test, lam=sc.lam, kernel_divisor=sc.kernel_divisor)
+        prob = FeatureProblem.from_features(*self._phi, y_train, y_test, n_classes=self.n_classes, lam=sc.lam,
+                                            kernel_divisor=sc.kernel_divisor, kind=self.info["kind"])
+        g = prob.group
+        solver = sc.solver if sc.solver != "auto" else choose_solver(prob.n, prob.m, self._phi[0].shape[1], g)
+        return prob.to_dual() if solver == "dual" else prob
+
+    def solver(self, problem) -> str:
+        return "primal" if isinstance(problem, FeatureProblem) else "dual"
+
+
+def load_problem(layout: Layout, cfg: JobConfig) -> tuple[RegressionProblem | FeatureProblem, Any]:
     """Regression problem from a finished kernel stage; also returns the train examples table."""
     train = read_examples(layout, "train")
     test = read_examples(layout, "test")
-    problem = read_kernel(layout.root).problem(train.column("label").to_numpy(), test.column("label").to_numpy(),
-                                               lam=cfg.shapley.lam, kernel_divisor=cfg.shapley.kernel_divisor)
+    problem = ProblemSource(layout, cfg).problem(train.column("label").to_numpy(), test.column("label").to_numpy())
     return problem, train
 
 
@@ -202,7 +272,7 @@ def run_shapley_stage(cfg: JobConfig, *, overwrite: bool = False, progress: bool
     problem, train = inputs if inputs is not None else prepare_shapley_stage(cfg, overwrite=overwrite)
     store = MarginalsStore(layout.shapley_dir, discard_mismatched=overwrite)
     run = run_valuation(problem, ValuationSettings.of(cfg.shapley), store, progress=progress, on_batch=on_batch)
-    info = dict(run.info)
+    info = {**run.info, "solver": "primal" if isinstance(problem, FeatureProblem) else "dual"}
     per_test = (run.per_test.values, run.per_test.stderr) if run.per_test is not None else None
     write_values(layout, train, run.values.values, run.values.stderr, run.values.counts, per_test=per_test,
                  info=info, sign_agreement=run.sign.per_point)

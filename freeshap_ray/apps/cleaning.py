@@ -39,9 +39,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ..config import JobConfig, config_to_dict
+from ..pipeline import ProblemSource
 from ..errors import ConfigError, OutputError
 from ..data.dedupe import conflict_groups
-from ..io import Kernel, Layout, RunManifest, read_duplicates, read_kernel, write_json_atomic
+from ..io import Layout, RunManifest, read_duplicates, write_json_atomic
 from ..io.apps_store import SUSPECTS_SCHEMA, write_curves, write_detection, write_scores
 from ..io.atomic import atomic_path
 from ..utility import RegressionProblem
@@ -164,10 +165,10 @@ class CleanInputs:
     """Validated inputs of ``clean`` (nothing written yet)."""
 
     def __init__(self, cfg: JobConfig, values: np.ndarray, stderr: np.ndarray, labels: np.ndarray,
-                 kernel: Kernel | None, y_test: np.ndarray | None, shapley_info: dict[str, Any],
+                 source: ProblemSource | None, y_test: np.ndarray | None, shapley_info: dict[str, Any],
                  conflicts: list[dict[str, Any]] | None = None):
         self.cfg, self.values, self.stderr, self.labels = cfg, values, stderr, labels
-        self.kernel, self.y_test, self.shapley_info = kernel, y_test, shapley_info
+        self.source, self.y_test, self.shapley_info = source, y_test, shapley_info
         self.conflicts = conflicts  # conflicting duplicate groups; None: the run did not deduplicate
         self.layout = Layout.of(cfg.output)
 
@@ -179,10 +180,10 @@ class CleanInputs:
     def n(self) -> int:
         return int(self.values.size)
 
-    def problem(self, labels: np.ndarray) -> RegressionProblem:
-        """The job's regression problem with these training labels (the kernel does not depend on labels)."""
-        sc = self.cfg.shapley
-        return self.kernel.problem(labels, self.y_test, lam=sc.lam, kernel_divisor=sc.kernel_divisor)
+    def problem(self, labels: np.ndarray):
+        """The job's regression problem with these training labels (the kernel, or the features, and the solver
+        do not depend on labels): dual, or primal in feature space (nothing n×n)."""
+        return self.source.problem(labels, self.y_test)
 
 
 def _read_vectors(path: Path, columns: list[str]) -> pa.Table:
@@ -256,9 +257,9 @@ def prepare_clean(cfg: JobConfig, *, overwrite: bool = False) -> CleanInputs:
         raise ConfigError(f"clean.noise_fraction: {cc.noise_fraction} of {n} training points flips none; use a larger fraction")
     kernel = y_test = None
     if cc.use_kernel:
-        kernel = read_kernel(layout.root)
-        if kernel.train_train.shape[0] != n:
-            raise OutputError(f"{layout.kernel_manifest}: kernel has {kernel.train_train.shape[0]} training rows, "
+        kernel = ProblemSource(layout, cfg)
+        if kernel.n_train != n:
+            raise OutputError(f"{layout.kernel_manifest}: kernel has {kernel.n_train} training rows, "
                               f"{layout.values} has {n}")
         if kernel.n_classes != len(names):
             raise ConfigError(f"data.label_names: {len(names)} classes, the kernel in {layout.kernel_dir} has "

@@ -378,8 +378,12 @@ class KernelStore:
         return write_json_atomic({"schema_version": SCHEMA_VERSION, **info}, self.layout.kernel_manifest)
 
     def read(self) -> Kernel:
-        """The finished kernel (errors name the manifest or tile file)."""
-        return self.assemble(self.manifest())
+        """The finished kernel (errors name the manifest or tile file). For a projected run (features, no tiles)
+        it is ``⟨φ(x), φ(x')⟩`` of the stored features, formed here: n×n, for small n or explicit use."""
+        info = self.manifest()
+        if info.get("representation") == "features":
+            return _kernel_of_features(self.layout, info)
+        return self.assemble(info)
 
     def manifest(self) -> dict[str, Any]:
         """The finished kernel's manifest (an error naming it when missing, unreadable or incomplete)."""
@@ -394,6 +398,20 @@ class KernelStore:
             raise OutputError(f"{path}: unreadable or incomplete kernel manifest ({err!r}); "
                               "recompute the kernel (--overwrite)") from err
         return info
+
+
+def _kernel_of_features(layout: Layout, info: dict[str, Any]) -> Kernel:
+    from .features import FeatureStore
+
+    fs = FeatureStore.of(layout.root)
+    c = int(info["n_classes"]) if info["kind"] == "full" else 1
+    (a, _), (b, _) = fs.read_matrix("train"), fs.read_matrix("test")
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    k_tt, k_st = a64 @ a64.T, b64 @ a64.T
+    if c > 1:  # rows example-major (i·C + c): (n·C, n·C) → (n, n, C, C)
+        k_tt = k_tt.reshape(-1, c, k_tt.shape[1] // c, c).transpose(0, 2, 1, 3)
+        k_st = k_st.reshape(-1, c, k_st.shape[1] // c, c).transpose(0, 2, 1, 3)
+    return Kernel(np.ascontiguousarray(k_tt), np.ascontiguousarray(k_st), info["kind"], int(info["n_classes"]), info)
 
 
 def read_kernel(out_dir: str | Path) -> Kernel:
