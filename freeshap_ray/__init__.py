@@ -1,7 +1,8 @@
 """freeshap_ray: Ray-native FreeShap instance attribution for language models.
 
 Public API: :func:`shapley`, :func:`load_kernel`, :class:`ValuesResult`, :func:`load_config`,
-:class:`JobConfig`, :func:`run_job`, :func:`reagent_attribute` (ReAGent token attribution of a causal LM).
+:class:`JobConfig`, :func:`run_job`, :func:`reagent_attribute` (ReAGent token attribution of a causal LM),
+:func:`explain` / :class:`Explainer` / :class:`Explanation` (which training examples drove a prediction on new texts).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from .values import ValuesResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "FreeShapError", "JobConfig", "ValuesResult", "load_config", "load_kernel", "reagent_attribute", "run_job", "shapley",
+    "Explainer", "Explanation", "FreeShapError", "JobConfig", "ValuesResult", "explain", "load_config", "load_kernel",
+    "reagent_attribute", "run_job", "shapley",
     "__version__",
 ]
 
@@ -27,9 +29,13 @@ def run_job(cfg: JobConfig, **kwargs):
 
 
 def __getattr__(name: str):
-    # reagent_attribute imports torch/transformers: load it on first use, not with the package.
+    # reagent_attribute and explain import torch/transformers: load them on first use, not with the package.
     if name == "reagent_attribute":
         from .reagent.api import reagent_attribute
 
         return reagent_attribute
+    if name in ("explain", "Explainer", "Explanation"):
+        from .apps import explain as _explain  # apps.explain: a module named `explain` would shadow the function
+
+        return getattr(_explain, name)
     raise AttributeError(f"module 'freeshap_ray' has no attribute {name!r}")
