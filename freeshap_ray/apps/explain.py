@@ -49,7 +49,7 @@ from ..kernel.plan import blocks, plan_signature
 from ..kernel.rows import Block, TrainFeatures, kernel_rows
 from ..utility import RegressionProblem
 from ..valuation.aggregate import Estimate
-from ..valuation.one_point import EXPLAIN_UTILITIES, one_point_values, softmax, target_labels, test_point
+from ..valuation.one_point import EXPLAIN_UTILITIES, one_point_values, softmax, target_labels, one_point_problem
 from ..valuation.settings import ValuationSettings
 from ..valuation.sinks import MemorySink
 from .kernel_baselines import KernelSurrogate
@@ -243,14 +243,18 @@ def _check_texts(texts: str | list[str], where: str = "texts") -> list[str]:
 
 class Explainer:
     """A finished run loaded once for explaining new texts: kernel surrogate, training set, model, cached
-    training gradients. Construction loads the model (and builds the gradient cache on first use of a run);
-    :meth:`explain` then costs one forward+backward pass per text plus its permutations.
+    training gradients. Construction reads and checks the run (kernel, examples, config) and factorises the
+    surrogate; :meth:`prepare` (called by the first kernel row) loads the model and the training gradients
+    (building their cache on a run's first use); :meth:`explain` then costs one forward+backward pass per text,
+    its tiles and its permutations.
 
     Args:
         out_dir: the run's output directory.
         actors: KernelWorker Ray actors over the whole parameter selection to compute rows with (reused, not
-            killed); None: Ray actors are started when Ray is initialised, else everything runs in this process.
-        num_actors: actors started when Ray is up and none are given.
+            killed); None: ``num_actors`` are started when Ray is used.
+        num_actors: actors started when Ray is used and none are given.
+        use_ray: compute rows on kernel actors and permutations as Ray tasks (Ray is started if needed);
+            False: everything in this process; None: Ray when actors are given or Ray is initialised.
         overwrite: rebuild the training-gradient cache.
         progress: progress bars.
 
@@ -259,7 +263,7 @@ class Explainer:
     """
 
     def __init__(self, out_dir: str | Path, *, actors: list | None = None, num_actors: int = 1,
-                 overwrite: bool = False, progress: bool = False):
+                 use_ray: bool | None = None, overwrite: bool = False, progress: bool = False):
         t0 = time.perf_counter()
         self.run = run = read_finished_run(out_dir)
         cfg = run.config
@@ -277,28 +281,49 @@ class Explainer:
         self.train_loo_label = np.argmax(self.surrogate.loo_train_predictions(), axis=1)
         self.identity = {"kernel": signature, "lam": cfg.shapley.lam, "kernel_divisor": cfg.shapley.kernel_divisor,
                          "labels": hashlib.sha256(self.y_train.tobytes()).hexdigest()[:16]}
-        t1 = time.perf_counter()
-        self.engine = self._engine(actors, num_actors)
-        t2 = time.perf_counter()
-        self.seconds = {"read_run": t1 - t0, "load_model": t2 - t1}
-        try:
-            self.seconds["train_features"] = self._load_train_features(overwrite, progress)
-        except BaseException:
-            self.close()
-            raise
+        if use_ray is False and actors is not None:
+            raise ConfigError("use_ray: False, but Ray actors were given")
+        self.use_ray = (actors is not None or _ray_up()) if use_ray is None else bool(use_ray)
+        self.seconds = {"read_run": time.perf_counter() - t0}
+        self._engine_args = (actors, num_actors, overwrite, progress)
+        self._engine: RowEngine | None = None
 
-    def _engine(self, actors, num_actors: int) -> RowEngine:
+    def prepare(self) -> None:
+        """Load the model (in this process or on kernel actors) and the training gradients (computed and cached
+        under ``OUT/explain/train_features`` when missing); idempotent."""
+        if self._engine is not None:
+            return
+        actors, num_actors, overwrite, progress = self._engine_args
+        t0 = time.perf_counter()
+        engine = self._make_engine(actors, num_actors)
+        self.seconds["load_model"] = time.perf_counter() - t0
+        try:
+            self.seconds["train_features"] = self._load_train_features(engine, overwrite, progress)
+        except BaseException:
+            engine.close()
+            raise
+        self._engine = engine
+
+    @property
+    def engine(self) -> RowEngine:
+        """Where kernel rows are computed (prepared on first use)."""
+        self.prepare()
+        return self._engine
+
+    def _make_engine(self, actors, num_actors: int) -> RowEngine:
         from ..models import resolve_model_path
 
         cfg = self.run.config
         model_dir = resolve_model_path(cfg.model.path, cache_dir=cfg.model.cache_dir, seed=cfg.model.seed)
-        if actors is None and not _ray_up():
+        if not self.use_ray:
             return _LocalRows(model_dir, self.run)
+        from ..distributed import ensure_ray
         from ..distributed.explain_job import RayKernelRows
 
+        ensure_ray()
         return RayKernelRows(model_dir, cfg.model, cfg.kernel, actors=actors, num_actors=num_actors)
 
-    def _load_train_features(self, overwrite: bool, progress: bool) -> float:
+    def _load_train_features(self, engine: RowEngine, overwrite: bool, progress: bool) -> float:
         """Build the missing cached training blocks, then hold every block in memory; returns seconds spent
         computing blocks (0 when the cache was complete)."""
         from tqdm.auto import tqdm
@@ -314,17 +339,19 @@ class Explainer:
         if missing:
             todo = [self.train_texts[bounds[b][0]:bounds[b][1]] for b in missing]
             bar = tqdm(total=len(todo), desc="training gradients (cached once)", unit="block", disable=not progress)
-            for i, block in self.engine.gradient_blocks(todo):
+            for i, block in engine.gradient_blocks(todo):
                 cache.write(missing[i], block)
                 bar.update(1)
             bar.close()
         seconds = time.perf_counter() - t0 if missing else 0.0
-        self.engine.use_train(_MemoryFeatures(bounds, [cache.block(b) for b in range(len(bounds))]))
+        engine.use_train(_MemoryFeatures(bounds, [cache.block(b) for b in range(len(bounds))]))
         return seconds
 
     def close(self) -> None:
         """Release the kernel actors this explainer started."""
-        self.engine.close()
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def __enter__(self) -> Explainer:
         return self
@@ -363,7 +390,7 @@ class Explainer:
         return ValuationSettings.of(shapley, EXPLAIN_UTILITIES[config.utility])
 
     def _values(self, problem: RegressionProblem, settings: ValuationSettings) -> Estimate:
-        if _ray_up():
+        if self.use_ray:
             from ..distributed.shapley_job import run_valuation
 
             return run_valuation(problem, settings, MemorySink(), progress=False)
@@ -389,6 +416,7 @@ class Explainer:
         config = config or ExplainConfig()
         texts = _check_texts(texts)
         label = _resolve_label(config.label, self.label_names)
+        self.prepare()
         t0 = time.perf_counter()
         rows = self.engine.rows(texts)
         t1 = time.perf_counter()
@@ -405,7 +433,7 @@ class Explainer:
         per_text, truncated, first = [], [], {}
         for i in tqdm(range(m), desc="explaining", unit="text", disable=not progress):
             s = time.perf_counter()
-            single = test_point(problem, i)
+            single = one_point_problem(problem, i)
             if reuse and i in reuse:
                 got = reuse[i]
             elif texts[i] in first:  # the same text twice: one game
@@ -424,7 +452,7 @@ class Explainer:
                 on_text(i, expl)
         expl.info = {"seconds": {"rows": t1 - t0, "values": float(sum(per_text)), "per_text_values": per_text},
                      "n_permutations": config.n_permutations, "mean_truncated_at": truncated,
-                     "ray": _ray_up(), "reused": sorted(reuse or ())}
+                     "ray": self.use_ray, "reused": sorted(reuse or ())}
         return expl
 
 
@@ -435,8 +463,9 @@ class Explainer:
 def explain(out_dir: str | Path, texts: str | list[str], *, utility: str = "prob", label: int | str | None = None,
             n_permutations: int = 200, truncation_tol: float = 0.05, truncation_patience: int = 2,
             sampler: str = "tmc", seed: int = 0, top: int = 10, permutations_per_task: int = 25,
-            num_actors: int = 1, actors: list | None = None, explainer: Explainer | None = None,
-            save: bool = False, overwrite: bool = False, progress: bool = False) -> Explanation:
+            num_actors: int = 1, actors: list | None = None, use_ray: bool | None = None,
+            explainer: Explainer | None = None, save: bool = False, overwrite: bool = False,
+            progress: bool = False) -> Explanation:
     """Which training examples of the finished run in ``out_dir`` drove its surrogate's output for ``texts``.
 
     Keywords named like ``explain.*`` keys take that key's values (:class:`~freeshap_ray.config.ExplainConfig`):
@@ -447,7 +476,7 @@ def explain(out_dir: str | Path, texts: str | list[str], *, utility: str = "prob
     Args:
         out_dir: a run's output directory (kernel stage finished).
         texts: one text or a list of texts.
-        actors: KernelWorker Ray actors to reuse for the kernel rows (see :class:`Explainer`).
+        actors, use_ray: kernel actors to reuse, and whether to use Ray (see :class:`Explainer`).
         explainer: an :class:`Explainer` of ``out_dir`` already loaded (its model is reused; not closed here).
         save: also store the explanations in ``OUT/explanations.parquet`` (texts already stored with the
             same settings are reused, see :func:`run_explain_stage`); ``overwrite`` replaces stored
@@ -457,15 +486,15 @@ def explain(out_dir: str | Path, texts: str | list[str], *, utility: str = "prob
         :class:`Explanation`: ``.prediction`` (m, C), ``.values`` / ``.stderr`` (m, n), ``.k_test_train``,
         ``.table(top)``.
 
-    Runs in this process without Ray; when Ray is initialised the rows are computed by kernel actors and the
-    permutations by Ray tasks.
+    Runs in this process without Ray; when Ray is initialised (or ``use_ray``) the rows are computed by kernel
+    actors and the permutations by Ray tasks.
     """
     keys = {k: v for k, v in locals().items() if k in _CONFIG_KEYS}
     config = build_section(ExplainConfig, keys, "explain.")
     texts = _check_texts(texts)
     own = explainer is None
-    ex = explainer or Explainer(out_dir, actors=actors, num_actors=config.num_actors, overwrite=overwrite,
-                                progress=progress)
+    ex = explainer or Explainer(out_dir, actors=actors, num_actors=config.num_actors, use_ray=use_ray,
+                                overwrite=overwrite, progress=progress)
     try:
         if save:
             return run_explain_stage(ex, texts, config, overwrite=overwrite, progress=progress)

@@ -38,7 +38,7 @@ __all__ = [
     "one_point_values",
     "softmax",
     "target_labels",
-    "test_point",
+    "one_point_problem",
 ]
 
 
@@ -90,7 +90,7 @@ def target_labels(scores: np.ndarray, label: int | None) -> np.ndarray:
     return np.full(s.shape[0], int(label), dtype=np.int64)
 
 
-def test_point(problem: RegressionProblem, i: int) -> RegressionProblem:
+def one_point_problem(problem: RegressionProblem, i: int) -> RegressionProblem:
     """The same regression with test point ``i`` alone as its test set (m = 1; no copy of the kernels)."""
     if not 0 <= i < problem.m:
         raise ValueError(f"i: must be a test index in [0, {problem.m - 1}], got {i}")
