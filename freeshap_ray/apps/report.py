@@ -405,7 +405,7 @@ def _explanations_section(run: _Run, k: int) -> str:
              f"(<code>freeshap-ray explain</code>){f'; the first {len(shown)} shown' if len(shown) < len(ids) else ''}. "
              "Each text is a one-point test set: a training example's value is its Shapley value for the surrogate's "
              "probability (or margin) of the explained class on that text, ± its standard error; the values sum to "
-             "U(N) − U(∅). Bars are scaled to each text's largest |value|. <span class='badge'>suspect label</span> "
+             "U(N) − U(∅) (within the truncation tolerance · |U(N)| when permutations are truncated). Bars are scaled to each text's largest |value|. <span class='badge'>suspect label</span> "
              "marks a training example whose label the surrogate fitted on all other examples contradicts "
              "(leave-one-out prediction ≠ label).</p>"]
     table = rows.to_pylist()

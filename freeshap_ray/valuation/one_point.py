@@ -102,20 +102,24 @@ def one_point_values(problem: RegressionProblem, settings: ValuationSettings) ->
     """Values of the game of ``problem`` (m = 1) from ``settings.config.n_permutations`` permutations, in this
     process: the same permutations, truncation rule and aggregation as the Ray engine
     (:func:`freeshap_ray.distributed.shapley_job.run_valuation` with a :class:`MemorySink`), so the same
-    seed gives the same values.
+    seed gives the same values. BLAS runs on one thread, as in the engine's tasks: the updates are small, and
+    on a busy machine OpenBLAS's waiting threads made a loop over the permutations ~5x slower.
 
     Returns:
         An :class:`Estimate` whose ``values`` are ``(n,)`` (``info``: ``v_full``, ``v_empty``, counts).
     """
+    from threadpoolctl import threadpool_limits
+
     c = settings.config
     if problem.m != 1:
         raise ValueError(f"problem: expected one test point, got m = {problem.m}")
-    v_full = float(np.mean(full_utility(problem, settings.utility)))
     n_ids = math.ceil(c.n_permutations / settings.per_sample) * settings.per_sample
-    batch = [(pid, run_permutation(
-        problem, sampler_permutation(problem.n, c.seed, pid, c.sampler), settings.utility,
-        truncation_tol=settings.truncation_tol, truncation_patience=c.truncation_patience, v_full=v_full,
-        block_size=DEFAULT_BLOCK_SIZE)) for pid in range(n_ids)]
+    with threadpool_limits(limits=1):
+        v_full = float(np.mean(full_utility(problem, settings.utility)))
+        batch = [(pid, run_permutation(
+            problem, sampler_permutation(problem.n, c.seed, pid, c.sampler), settings.utility,
+            truncation_tol=settings.truncation_tol, truncation_patience=c.truncation_patience, v_full=v_full,
+            block_size=DEFAULT_BLOCK_SIZE)) for pid in range(n_ids)]
     sink = MemorySink()
     sink.write(batch, c.seed, c.sampler, False)
     est = aggregate(sink, problem.n, 1, sampler=c.sampler, per_test_point=False, sign_splits=c.sign_splits,
