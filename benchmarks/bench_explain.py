@@ -118,8 +118,8 @@ def main() -> None:
           f"(mean truncation at {res.info['mean_truncated_at']:.0f})")
     print(f"explain, per text after the model is loaded: median {per_text:.2f} s, max {max(times):.2f} s "
           f"(goal <= 10 s); first call's cache build {ex.seconds['train_features']:.1f} s")
-    print(f"ratio: shapley stage / explain per text = {t_stage / per_text:.1f}x; with the kernel recomputed for the new "
-          f"plan (recorded {t_kernel:.0f} s): {(t_stage + t_kernel) / per_text:.0f}x")
+    print(f"ratio: shapley stage / explain per text = {t_stage / per_text:.1f}x; with the kernel recomputed for "
+          f"the new plan (recorded {t_kernel:.0f} s): {(t_stage + t_kernel) / per_text:.0f}x")
     print(f"load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
 
 

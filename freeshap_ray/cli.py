@@ -85,7 +85,8 @@ def _explain_parser(sub) -> None:
     ex.add_argument("--seed", type=int, default=None, help="permutation seed (explain.seed, default 0)")
     ex.add_argument("--top", type=int, default=None, help="helpful / harmful examples printed per text (default 10)")
     ex.add_argument("--overwrite", action="store_true",
-                    help="replace stored explanations of these texts made with other settings (and the gradient cache)")
+                    help="replace stored explanations of these texts made with other settings; recompute invalid cached "
+                    "training gradients")
     ex.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS; none: no Ray)")
     ex.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
@@ -160,8 +161,9 @@ def _dispatch_explain(args: argparse.Namespace) -> int:
                        progress=not args.no_progress) as ex:
             expl = run_explain_stage(ex, texts, config, overwrite=args.overwrite, progress=not args.no_progress)
             sec = expl.info["seconds"]
-            print(f"explain: {len(texts)} text(s) against {ex.n} training examples; run {ex.seconds['read_run']:.1f} s, "
-                  f"model {ex.seconds.get('load_model', 0):.1f} s, training gradients "
+            print(f"explain: {len(texts)} text(s) against {ex.n} training examples; "
+                  f"run {ex.seconds['read_run']:.1f} s, model {ex.seconds.get('load_model', 0):.1f} s, "
+                  f"training gradients "
                   f"{ex.seconds.get('train_features', 0):.1f} s, kernel rows {sec['rows']:.2f} s, "
                   f"values {sec['values']:.2f} s ({len(expl.info['reused'])} reused) -> "
                   f"{display(Layout.of(out_dir).explanations)}")

@@ -261,8 +261,10 @@ def test_feature_cache_is_built_once_reused_and_validated(ray_local, tmp_path):
         np.savez(f, **arrays)
     with pytest.raises(OutputError, match="block-00001.npz"):
         Explainer(out, use_ray=False).kernel_rows(NEW)
-    with Explainer(out, use_ray=False, overwrite=True) as ex:  # rebuilt
+    with Explainer(out, use_ray=False, overwrite=True) as ex:  # the bad block is recomputed, the good one kept
         np.testing.assert_array_equal(ex.kernel_rows(NEW), rows)
+        assert ex.seconds["train_features"] > 0
+    assert blocks[0].stat().st_mtime_ns == stamp[0] and blocks[1].stat().st_mtime_ns != stamp[1]
     key = json.loads((out / "explain" / "train_features" / "key.json").read_text())
     key["signature"] = "another plan"
     (out / "explain" / "train_features" / "key.json").write_text(json.dumps(key))

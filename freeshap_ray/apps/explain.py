@@ -197,9 +197,11 @@ class Explanation:
         for t in range(len(self.texts)):
             v = self.values[t]
             order = np.argsort(-v, kind="stable")
-            for effect, picks in (("helpful", order[v[order] > 0][:k]), ("harmful", order[::-1][v[order[::-1]] < 0][:k])):
+            worst = order[::-1]
+            for effect, picks in (("helpful", order[v[order] > 0][:k]), ("harmful", worst[v[worst] < 0][:k])):
                 for r, i in enumerate(picks, 1):
-                    rows.append({"text_id": t, "effect": effect, "rank": r, "train_index": int(i), "train_id": int(ids[i]),
+                    rows.append({"text_id": t, "effect": effect, "rank": r, "train_index": int(i),
+                                 "train_id": int(ids[i]),
                                  "train_text": texts[i], "train_label": names[labels[i]],
                                  "train_loo_label": names[self.train_loo_label[i]],
                                  "suspect_label": bool(labels[i] != self.train_loo_label[i]),
@@ -255,7 +257,7 @@ class Explainer:
         num_actors: actors started when Ray is used and none are given.
         use_ray: compute rows on kernel actors and permutations as Ray tasks (Ray is started if needed);
             False: everything in this process; None: Ray when actors are given or Ray is initialised.
-        overwrite: rebuild the training-gradient cache.
+        overwrite: recompute cached training-gradient blocks that fail validation (else an error names the file).
         progress: progress bars.
 
     Raises:
@@ -324,27 +326,41 @@ class Explainer:
         return RayKernelRows(model_dir, cfg.model, cfg.kernel, actors=actors, num_actors=num_actors)
 
     def _load_train_features(self, engine: RowEngine, overwrite: bool, progress: bool) -> float:
-        """Build the missing cached training blocks, then hold every block in memory; returns seconds spent
-        computing blocks (0 when the cache was complete)."""
+        """Compute and cache the missing training blocks, then hold every block in memory; returns the seconds
+        spent computing blocks (0 when the cache was complete). A cached block that fails validation is an
+        error naming its file, or with ``overwrite`` is recomputed."""
         from tqdm.auto import tqdm
 
         cfg = self.run.config
         bounds = blocks(len(self.train_texts), cfg.kernel.block_size)
         cache = FeatureCache(self.layout, bounds)
         cache.open({"signature": self.identity["kernel"], "method": cfg.kernel.method,
-                    "projection": [cfg.kernel.projection_dim, cfg.kernel.projection_seed, cfg.kernel.projection_block]},
-                   overwrite=overwrite)
-        missing = cache.missing()
-        t0 = time.perf_counter()
-        if missing:
-            todo = [self.train_texts[bounds[b][0]:bounds[b][1]] for b in missing]
+                    "projection": [cfg.kernel.projection_dim, cfg.kernel.projection_seed, cfg.kernel.projection_block]})
+        seconds = 0.0
+
+        def compute(which: list[int]) -> None:
+            nonlocal seconds
+            t0 = time.perf_counter()
+            todo = [self.train_texts[bounds[b][0]:bounds[b][1]] for b in which]
             bar = tqdm(total=len(todo), desc="training gradients (cached once)", unit="block", disable=not progress)
             for i, block in engine.gradient_blocks(todo):
-                cache.write(missing[i], block)
+                cache.write(which[i], block)
                 bar.update(1)
             bar.close()
-        seconds = time.perf_counter() - t0 if missing else 0.0
-        engine.use_train(_MemoryFeatures(bounds, [cache.block(b) for b in range(len(bounds))]))
+            seconds += time.perf_counter() - t0
+
+        if missing := cache.missing():
+            compute(missing)
+        held = []
+        for b in range(len(bounds)):
+            try:
+                held.append(cache.block(b))
+            except OutputError:
+                if not overwrite:
+                    raise
+                compute([b])
+                held.append(cache.block(b))
+        engine.use_train(_MemoryFeatures(bounds, held))
         return seconds
 
     def close(self) -> None:
@@ -601,7 +617,8 @@ def run_explain_stage(explainer: Explainer, texts: list[str], config: ExplainCon
         if i in reuse:
             return
         kept[questions[i]] = _long_table(expl, i, text_ids[questions[i]], settings)
-        write_explanations(layout, pa.concat_tables(sorted(kept.values(), key=lambda t: t.column("text_id")[0].as_py())))
+        ordered = sorted(kept.values(), key=lambda t: t.column("text_id")[0].as_py())
+        write_explanations(layout, pa.concat_tables(ordered))
 
     expl = explainer.explain(texts, config, reuse=reuse, on_text=store, progress=progress)
     expl.info["text_ids"] = [text_ids[q] for q in questions]

@@ -58,7 +58,8 @@ th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:t
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.neg{color:#b00020}.pos{color:#0a6b2d}
 .note{background:#fafafa;border-left:3px solid #ccc;padding:.4rem .8rem;color:#555}
 table.meta td:first-child{width:16rem;color:#555}
-.expl{margin:1rem 0 1.6rem}.expl blockquote{margin:.4rem 0;padding:.4rem .8rem;background:#f7f7f7;border-left:3px solid #888}
+.expl{margin:1rem 0 1.6rem}
+.expl blockquote{margin:.4rem 0;padding:.4rem .8rem;background:#f7f7f7;border-left:3px solid #888}
 td.barcell{width:9rem}.bar{display:inline-block;height:.8em;vertical-align:middle;background:#0a6b2d}
 .bar.neg{background:#b00020}tr.suspect td{background:#fff3cd}.badge{font-size:.75rem;background:#b00020;color:#fff;
 border-radius:3px;padding:0 .3rem;margin-left:.3rem;white-space:nowrap}
@@ -401,11 +402,13 @@ def _explanations_section(run: _Run, k: int) -> str:
     texts_by_index = {r["index"]: r["text"] for r in run.rows(np.unique(rows.column("index").to_numpy()))}
     ids = list(dict.fromkeys(rows.column("text_id").to_pylist()))
     shown = ids[:MAX_EXPLAINED_TEXTS]
+    more = f"; the first {len(shown)} shown" if len(shown) < len(ids) else ""
     parts = [f"<h2 id='sec-explanations'>Explanations</h2><p>{len(ids)} new texts explained "
-             f"(<code>freeshap-ray explain</code>){f'; the first {len(shown)} shown' if len(shown) < len(ids) else ''}. "
+             f"(<code>freeshap-ray explain</code>){more}. "
              "Each text is a one-point test set: a training example's value is its Shapley value for the surrogate's "
              "probability (or margin) of the explained class on that text, ± its standard error; the values sum to "
-             "U(N) − U(∅) (within the truncation tolerance · |U(N)| when permutations are truncated). Bars are scaled to each text's largest |value|. <span class='badge'>suspect label</span> "
+             "U(N) − U(∅) (within the truncation tolerance · |U(N)| when permutations are truncated). "
+             "Bars are scaled to each text's largest |value|. <span class='badge'>suspect label</span> "
              "marks a training example whose label the surrogate fitted on all other examples contradicts "
              "(leave-one-out prediction ≠ label).</p>"]
     table = rows.to_pylist()
@@ -419,8 +422,10 @@ def _explanations_section(run: _Run, k: int) -> str:
                             ("harmful", sorted((r for r in mine if r["value"] < 0), key=lambda r: r["value"])[:k])):
             for rank, r in enumerate(sel, 1):
                 suspect = r["train_label"] != r["train_loo_label"]
-                other = run.label_names[r["train_loo_label"]] if 0 <= r["train_loo_label"] < len(run.label_names) else "?"
-                badge = f"<span class='badge' title='the other examples say {_e(other)}'>suspect label</span>" if suspect else ""
+                loo = r["train_loo_label"]
+                other = run.label_names[loo] if 0 <= loo < len(run.label_names) else "?"
+                badge = (f"<span class='badge' title='the other examples say {_e(other)}'>suspect label</span>"
+                         if suspect else "")
                 width = 100.0 * abs(r["value"]) / scale
                 text = texts_by_index.get(r["index"], "")
                 body.append(

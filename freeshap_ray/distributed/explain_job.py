@@ -54,7 +54,8 @@ class RayKernelRows:
         if actors is None:
             cls = ray.remote(num_cpus=kernel_cfg.num_cpus_per_actor, num_gpus=kernel_cfg.num_gpus_per_actor,
                              resources={k: v for k, v in kernel_cfg.resources_per_actor.items() if v} or None,
-                             max_restarts=kernel_cfg.max_restarts, max_task_retries=kernel_cfg.max_restarts)(KernelWorker)
+                             max_restarts=kernel_cfg.max_restarts,
+                             max_task_retries=kernel_cfg.max_restarts)(KernelWorker)
             actors = [cls.remote(str(model_dir), model_cfg, kernel_cfg) for _ in range(num_actors)]
         if not actors:
             raise ConfigError("actors: give at least one kernel actor (or None to start them)")

@@ -125,8 +125,8 @@ class FeatureCache:
     def path(self, b: int) -> Path:
         return self.dir / f"block-{b:05d}.npz"
 
-    def open(self, key: dict[str, Any], *, overwrite: bool = False) -> None:
-        """Keep the blocks stored for ``key``; discard a cache of another key (or every block with ``overwrite``)."""
+    def open(self, key: dict[str, Any]) -> None:
+        """Keep the blocks stored for ``key``; discard a cache of another key (another plan, or unreadable)."""
         key = {"cache_version": FEATURE_CACHE_VERSION, "bounds": [list(b) for b in self._bounds], **key}
         stored = None
         if self.key_file.is_file():
@@ -134,7 +134,7 @@ class FeatureCache:
                 stored = json.loads(self.key_file.read_text())
             except (OSError, ValueError):
                 stored = None
-        if overwrite or stored != key:
+        if stored != key:
             if self.dir.exists():
                 log.info("%s: discarding cached training gradients of another kernel plan", self.dir)
             remove_path(self.dir)
@@ -163,5 +163,5 @@ class FeatureCache:
             with np.load(path, allow_pickle=False) as z:
                 return _decode(z, stop - start)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, _Bad) as err:
-            raise OutputError(f"{path}: not a valid cached gradient block ({err}); it is a cache: delete "
-                              f"{self.dir} or pass --overwrite to rebuild it") from err
+            raise OutputError(f"{path}: not a valid cached gradient block ({err}); it is a cache: pass "
+                              f"--overwrite (overwrite=True) to recompute it, or delete {self.dir}") from err

@@ -15,7 +15,7 @@ OUT/values_per_test.parquet            (per_test_point) one row per (training, t
 OUT/suspects.parquet                   `clean`: training points ranked by suspicion
 OUT/clean/{scores,curves}.parquet, OUT/clean/noise/*, OUT/clean/summary.json   `clean` outputs
 OUT/explanations.parquet               `explain`: one row per explained text and training example
-OUT/explain/train_features/            `explain`: cache of the training set's gradient blocks (key.json, block-NNNNN.npz)
+OUT/explain/train_features/            `explain`: cached training gradient blocks (key.json, block-NNNNN.npz)
 OUT/report.html                        `report`
 ```
 
