@@ -1,5 +1,5 @@
-"""Command line: ``freeshap-ray {run,kernel,shapley,clean,reagent,show-config} [CONFIG] [--set key=value ...]``
-and ``freeshap-ray report OUT_DIR``."""
+"""Command line: ``freeshap-ray {run,kernel,shapley,clean,reagent,show-config} [CONFIG] [--set key=value ...]``,
+``freeshap-ray report OUT_DIR`` and ``freeshap-ray explain OUT_DIR --text TEXT``."""
 
 from __future__ import annotations
 
@@ -60,7 +60,35 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("out_dir", metavar="OUT_DIR", help="the run's output directory (the `output` config key)")
     rep.add_argument("--output", default=None, help="report file (default OUT_DIR/report.html)")
     rep.add_argument("--top-k", type=int, default=10, help="examples per table (default 10)")
+    _explain_parser(sub)
     return parser
+
+
+def _explain_parser(sub) -> None:
+    text = ("explain the run's prediction on new texts: the Shapley value of every training example for the "
+            "surrogate's output on each text (OUT_DIR/explanations.parquet)")
+    ex = sub.add_parser("explain", help=text, description=text + ". Runs in this process; with --address or "
+                        "RAY_ADDRESS the kernel rows and permutations run on that Ray cluster.")
+    ex.add_argument("out_dir", metavar="OUT_DIR", help="a finished run's output directory (the `output` config key)")
+    ex.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text to explain (repeatable)")
+    ex.add_argument("--texts", default=None, metavar="FILE",
+                    help="texts to explain: .txt (one per line), .csv, .tsv, .jsonl or .parquet (column --text-column)")
+    ex.add_argument("--text-column", default=None, help="column of --texts (default: the run's data.text_column)")
+    ex.add_argument("--label", default=None, help="explain this class (name or index; 'why not X?') instead of "
+                    "the predicted one (explain.label)")
+    ex.add_argument("--utility", default=None, help="prob (default) or margin of the explained class (explain.utility)")
+    ex.add_argument("--n-permutations", type=int, default=None, help="permutations per text (explain.n_permutations, "
+                    "default 200)")
+    ex.add_argument("--truncation-tol", type=float, default=None, help="TMC truncation tolerance; 0 disables "
+                    "(explain.truncation_tol, default 0.05)")
+    ex.add_argument("--sampler", default=None, help="tmc (default), permutation or antithetic (explain.sampler)")
+    ex.add_argument("--seed", type=int, default=None, help="permutation seed (explain.seed, default 0)")
+    ex.add_argument("--top", type=int, default=None, help="helpful / harmful examples printed per text (default 10)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace stored explanations of these texts made with other settings; recompute invalid cached "
+                    "training gradients")
+    ex.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS; none: no Ray)")
+    ex.add_argument("--no-progress", action="store_true", help="disable progress bars")
 
 
 def _runtime(cfg, address: str | None):
@@ -103,6 +131,55 @@ def _dispatch_report(args: argparse.Namespace) -> int:
     return 0
 
 
+_EXPLAIN_FLAGS = {"label": "label", "utility": "utility", "n_permutations": "n_permutations",
+                  "truncation_tol": "truncation_tol", "sampler": "sampler", "seed": "seed", "top": "top"}
+
+
+def _dispatch_explain(args: argparse.Namespace) -> int:
+    import os
+
+    from .config import ExplainConfig, build_section
+    from .io import Layout, RunManifest
+    from .io.remote import display, local_root
+
+    config = build_section(ExplainConfig, {key: getattr(args, flag) for flag, key in _EXPLAIN_FLAGS.items()
+                                           if getattr(args, flag) is not None}, "explain.")
+    out_dir = local_root(args.out_dir)
+    texts = list(args.text)
+    if args.texts is not None:
+        from .data.texts import load_texts
+
+        data = RunManifest.read(Layout.of(out_dir).manifest).config.get("data", {})
+        texts += load_texts(args.texts, text_column=args.text_column or data.get("text_column") or "text",
+                            encoding=data.get("encoding"))
+    if not texts:
+        raise FreeShapError("explain: give --text TEXT (repeatable) or --texts FILE")
+    from .apps.explain import Explainer, run_explain_stage, summary_lines
+
+    def go() -> None:
+        with Explainer(out_dir, num_actors=config.num_actors, overwrite=args.overwrite,
+                       progress=not args.no_progress) as ex:
+            expl = run_explain_stage(ex, texts, config, overwrite=args.overwrite, progress=not args.no_progress)
+            sec = expl.info["seconds"]
+            print(f"explain: {len(texts)} text(s) against {ex.n} training examples; "
+                  f"run {ex.seconds['read_run']:.1f} s, model {ex.seconds.get('load_model', 0):.1f} s, "
+                  f"training gradients "
+                  f"{ex.seconds.get('train_features', 0):.1f} s, kernel rows {sec['rows']:.2f} s, "
+                  f"values {sec['values']:.2f} s ({len(expl.info['reused'])} reused) -> "
+                  f"{display(Layout.of(out_dir).explanations)}")
+            print("\n".join(summary_lines(expl, config.top)))
+
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        from .config import RayConfig
+        from .distributed import ray_runtime
+
+        with ray_runtime(RayConfig(), args.address):
+            go()
+    else:
+        go()
+    return 0
+
+
 def _dispatch_clean(cfg: JobConfig, args: argparse.Namespace) -> int:
     from .apps.cleaning import prepare_clean, run_clean
 
@@ -123,6 +200,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _dispatch_report(args)
     if args.command == "reagent":
         return _dispatch_reagent(args)
+    if args.command == "explain":
+        return _dispatch_explain(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "show-config":
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")

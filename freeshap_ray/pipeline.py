@@ -133,7 +133,7 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
     if stage.finished:
         return {**KernelStore(layout).manifest(), "reused": True}
     stale = [layout.kernel_manifest, layout.marginals_dir.parent, layout.values, layout.values_per_test,
-             layout.duplicates]
+             layout.duplicates, layout.explanations, layout.explain_dir]  # explanations are of the old kernel
     if not stage.resume:
         stale.append(layout.kernel_dir)
     for sub in stale:

@@ -15,7 +15,7 @@ from freeshap_ray.apps import FIGURE_IDS, build_report, write_report
 from freeshap_ray.cli import main
 from freeshap_ray.config import config_from_dict
 
-from .test_apps_clean import built_run, job_dict, write_synthetic_run
+from .test_apps_clean import NAMES, built_run, job_dict, write_synthetic_run
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "headless_shell")
 
@@ -56,9 +56,46 @@ class _Dom(HTMLParser):
             self.imgs[a["id"]] = a
 
 
+EXPLAINED = ["<script>alert('x')</script> a great flight", "the food was cold"]
+
+
+def write_synthetic_explanations(out) -> None:
+    """``explanations.parquet`` for two texts over the run's training set, as ``explain`` writes it: in text 0 the
+    most helpful example (index 0) carries a suspect label (its leave-one-out prediction differs)."""
+    import pyarrow.parquet as pq
+
+    from freeshap_ray.io import Layout
+    from freeshap_ray.io.explanations import explanations_table, write_explanations
+
+    train = pq.read_table(out / "train.parquet")
+    n = train.num_rows
+    labels = train.column("label").to_numpy()
+    loo = labels.copy()
+    loo[0] = 1 - loo[0]
+    rng = np.random.default_rng(0)
+    tables = []
+    for tid, text in enumerate(EXPLAINED):
+        v = rng.normal(0, 0.01, n)
+        if tid == 0:
+            v[0] = 0.5
+        rank = np.empty(n, dtype=np.int64)
+        rank[np.argsort(-v, kind="stable")] = np.arange(1, n + 1)
+        tables.append(explanations_table({
+            "text_id": np.full(n, tid), "text": [text] * n, "settings": ["{}"] * n, "utility": ["prob"] * n,
+            "label": np.full(n, tid), "label_name": [NAMES[tid]] * n, "predicted_label": np.full(n, tid),
+            "predicted_label_name": [NAMES[tid]] * n, "prediction": np.tile([[0.3, 0.7], [0.6, 0.4]][tid], (n, 1)),
+            "u_full": np.full(n, 0.7), "u_empty": np.full(n, 0.5), "index": np.arange(n), "id": np.arange(n) + 1000,
+            "train_label": labels, "train_label_name": [NAMES[c] for c in labels], "train_loo_label": loo,
+            "kernel": np.ones(n), "value": v, "stderr": np.full(n, 0.001), "count": np.full(n, 50), "rank": rank}))
+    import pyarrow as pa
+
+    write_explanations(Layout.of(out), pa.concat_tables(tables))
+
+
 @pytest.fixture(scope="module")
 def report(ray_local, tmp_path_factory):
     b = built_run(tmp_path_factory)
+    write_synthetic_explanations(b["out"])
     assert main(["report", str(b["out"]), "--top-k", "5"]) == 0
     return b, b["out"] / "report.html"
 
@@ -81,6 +118,24 @@ def test_report_is_self_contained_with_every_section(report):
     assert dom.body["data-figures-expected"] == str(len(FIGURE_IDS))
 
 
+def test_report_explanations_section(report):
+    _b, path = report
+    text = path.read_text(encoding="utf-8")
+    dom = _Dom()
+    dom.feed(text)
+    assert {"sec-explanations", "expl-0", "expl-1", "tbl-explain-0", "tbl-explain-1"} <= dom.ids
+    sec = text[text.index("id='sec-explanations'"):]
+    assert "<script>alert" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in sec  # escaped
+    t0 = sec[sec.index("id='tbl-explain-0'"):sec.index("id='expl-1'")]
+    assert t0.count("<tr class='helpful") == 5 and t0.count("<tr class='harmful") == 5  # --top-k 5 per side
+    first = t0[t0.index("<tr class='helpful"):]
+    first = first[:first.index("</tr>")]
+    assert "suspect" in first and "width:100.0%" in first and "+0.5" in first  # the top row: largest bar, flagged
+    assert "train point 0 &lt;b&gt;&amp;amp;" in first  # its training text, escaped
+    assert sec.count("class='badge'") == 2  # the legend and the one suspect row
+    assert "positive 0.700" in sec and "→ <b>positive</b>" in sec
+
+
 def test_report_renders_in_headless_chromium(report, tmp_path):
     browser = find_browser()
     if browser is None:
@@ -94,7 +149,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     dom.feed(res.stdout)
     assert dom.body.get("data-figures-ok") == "true", (dom.body, res.stderr[-2000:])
     assert dom.body.get("data-figures-loaded") == str(len(FIGURE_IDS))
-    assert "tbl-conflicts" in dom.ids
+    assert "tbl-conflicts" in dom.ids and "tbl-explain-0" in dom.ids
     for fid in FIGURE_IDS:
         assert dom.imgs[fid].get("data-rendered") == "true", fid
     shot = tmp_path / "shot.png"
@@ -120,6 +175,7 @@ def test_report_of_a_run_without_clean_has_values_and_sign_only(ray_local, tmp_p
     assert 'id="fig-detection"' not in text and 'id="fig-curves"' not in text
     assert "freeshap-ray clean CONFIG" in text and "data-figures-expected='3'" in text
     assert "sec-conflicts" not in text  # no duplicates.parquet
+    assert "sec-explanations" not in text  # no explanations.parquet
     custom = write_report(out, tmp_path / "elsewhere" / "r.html", top_k=2)
     assert custom.is_file() and not (out / "report.html").exists()
     assert main(["report", str(out), "--top-k", "0"]) == 2

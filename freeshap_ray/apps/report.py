@@ -3,7 +3,9 @@
 Sections (each only when its inputs exist): run metadata (``manifest.json``), value distribution per
 class, wrong-label detection curves (``clean`` with noise injection), removal / selection curves
 with baselines, sign robustness, suspected wrong labels, conflicting duplicates (``data.dedupe``: same text,
-different labels), most harmful and most helpful examples.
+different labels), most harmful and most helpful examples, and explanations of new texts (``explain``: per text
+the prediction and its most helpful / harmful training examples with bars; a training label that the
+surrogate fitted on all other examples contradicts is flagged as a suspect label).
 
 Figures are matplotlib PNGs embedded as base64 ``data:`` URIs in ``<img>`` elements with stable ids
 (``fig-values``, ``fig-detection``, ``fig-curves``, ``fig-sign``); tables have ids ``tbl-*``. The page
@@ -34,6 +36,7 @@ from ..errors import OutputError
 from ..io import Layout, read_duplicates
 from ..io.apps_store import read_curves, read_detection, read_summary
 from ..io.atomic import atomic_path
+from ..io.explanations import read_explanations
 
 __all__ = ["FIGURE_IDS", "build_report", "write_report"]
 
@@ -55,6 +58,11 @@ th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:t
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.neg{color:#b00020}.pos{color:#0a6b2d}
 .note{background:#fafafa;border-left:3px solid #ccc;padding:.4rem .8rem;color:#555}
 table.meta td:first-child{width:16rem;color:#555}
+.expl{margin:1rem 0 1.6rem}
+.expl blockquote{margin:.4rem 0;padding:.4rem .8rem;background:#f7f7f7;border-left:3px solid #888}
+td.barcell{width:9rem}.bar{display:inline-block;height:.8em;vertical-align:middle;background:#0a6b2d}
+.bar.neg{background:#b00020}tr.suspect td{background:#fff3cd}.badge{font-size:.75rem;background:#b00020;color:#fff;
+border-radius:3px;padding:0 .3rem;margin-left:.3rem;white-space:nowrap}
 """
 
 _SCRIPT = """
@@ -392,6 +400,71 @@ def _conflicts_section(run: _Run, max_rows: int) -> str:
             f"<table id='tbl-conflicts'>{head}{body}</table>")
 
 
+MAX_EXPLAINED_TEXTS = 20  # texts shown in the report (all are in explanations.parquet)
+
+
+def _explanation_rows(run: _Run, k: int) -> pa.Table | None:
+    """The rows of ``explanations.parquet`` the report shows: each text's k most helpful and k most harmful."""
+    if not run.layout.explanations.is_file():
+        return None
+    read_explanations(run.layout)  # checks the schema (an error names the file)
+    n = run.n
+    cols = ["text_id", "text", "utility", "label_name", "predicted_label_name", "prediction", "u_full", "u_empty",
+            "index", "train_label", "train_label_name", "train_loo_label", "value", "stderr", "rank"]
+    keep = (pc.field("rank") <= k) | (pc.field("rank") > n - k)
+    return pq.read_table(run.layout.explanations, columns=cols, filters=keep)
+
+
+def _explanations_section(run: _Run, k: int) -> str:
+    """Per explained text: the prediction, then its most helpful and harmful training examples with bars."""
+    rows = _explanation_rows(run, k)
+    if rows is None or not rows.num_rows:
+        return ""
+    texts_by_index = {r["index"]: r["text"] for r in run.rows(np.unique(rows.column("index").to_numpy()))}
+    ids = list(dict.fromkeys(rows.column("text_id").to_pylist()))
+    shown = ids[:MAX_EXPLAINED_TEXTS]
+    more = f"; the first {len(shown)} shown" if len(shown) < len(ids) else ""
+    parts = [f"<h2 id='sec-explanations'>Explanations</h2><p>{len(ids)} new texts explained "
+             f"(<code>freeshap-ray explain</code>){more}. "
+             "Each text is a one-point test set: a training example's value is its Shapley value for the surrogate's "
+             "probability (or margin) of the explained class on that text, ± its standard error; the values sum to "
+             "U(N) − U(∅) (within the truncation tolerance · |U(N)| when permutations are truncated). "
+             "Bars are scaled to each text's largest |value|. <span class='badge'>suspect label</span> "
+             "marks a training example whose label the surrogate fitted on all other examples contradicts "
+             "(leave-one-out prediction ≠ label).</p>"]
+    table = rows.to_pylist()
+    for tid in shown:
+        mine = [r for r in table if r["text_id"] == tid]
+        first = mine[0]
+        probs = " · ".join(f"{_e(nm)} {p:.3f}" for nm, p in zip(run.label_names, first["prediction"]))
+        scale = max(abs(r["value"]) for r in mine) or 1.0
+        body = []
+        for effect, sel in (("helpful", sorted((r for r in mine if r["value"] > 0), key=lambda r: -r["value"])[:k]),
+                            ("harmful", sorted((r for r in mine if r["value"] < 0), key=lambda r: r["value"])[:k])):
+            for rank, r in enumerate(sel, 1):
+                suspect = r["train_label"] != r["train_loo_label"]
+                loo = r["train_loo_label"]
+                other = run.label_names[loo] if 0 <= loo < len(run.label_names) else "?"
+                badge = (f"<span class='badge' title='the other examples say {_e(other)}'>suspect label</span>"
+                         if suspect else "")
+                width = 100.0 * abs(r["value"]) / scale
+                text = texts_by_index.get(r["index"], "")
+                body.append(
+                    f"<tr class='{effect}{' suspect' if suspect else ''}'><td>{effect}</td><td class='num'>{rank}</td>"
+                    f"{_num(r['value'])}{_num(r['stderr'], '{:.2g}', False)}<td class='barcell'><span class='bar"
+                    f"{' neg' if r['value'] < 0 else ''}' style='width:{width:.1f}%'></span></td>"
+                    f"<td class='num'>{r['index']}</td><td>{_e(r['train_label_name'])}{badge}</td>"
+                    f"<td>{_e(text[:400])}</td></tr>")
+        head = ("<tr><th>effect</th><th>#</th><th>value</th><th>stderr</th><th></th><th>index</th><th>label</th>"
+                "<th>training text</th></tr>")
+        parts.append(
+            f"<div class='expl' id='expl-{tid}'><h3>Text {tid}</h3><blockquote>{_e(first['text'][:1000])}</blockquote>"
+            f"<p>Prediction: {probs} → <b>{_e(first['predicted_label_name'])}</b>; explaining "
+            f"{_e(first['utility'])}({_e(first['label_name'])}): U(N) = {first['u_full']:.4f}, "
+            f"U(∅) = {first['u_empty']:.4f}.</p><table id='tbl-explain-{tid}'>{head}{''.join(body)}</table></div>")
+    return "\n".join(parts)
+
+
 def build_report(out_dir: str | Path, *, top_k: int = 10) -> str:
     """The report HTML of the run in ``out_dir`` (a string; see :func:`write_report`)."""
     if top_k < 1:
@@ -494,6 +567,10 @@ def build_report(out_dir: str | Path, *, top_k: int = 10) -> str:
     parts.append(_examples_table("tbl-harmful", run.rows(harmful), preds))
     parts.append("<h2 id='sec-helpful'>Most helpful training examples</h2>")
     parts.append(_examples_table("tbl-helpful", run.rows(helpful), preds))
+
+    explained = _explanations_section(run, top_k)
+    if explained:
+        parts.append(explained)
 
     title = f"FreeShap report — {run.root.name}"
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

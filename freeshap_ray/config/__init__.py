@@ -8,6 +8,7 @@ so a user can find the line to fix.
 
 from __future__ import annotations
 
+from .explain import ExplainConfig
 from .job import CleanConfig, DataConfig, JobConfig, KernelConfig, ModelConfig, RayConfig, ShapleyConfig
 from .loader import (
     QUICKSTART_CONFIG,
@@ -36,6 +37,7 @@ __all__ = [
     "ShapleyConfig",
     "RayConfig",
     "CleanConfig",
+    "ExplainConfig",
     "JobConfig",
     "load_config",
     "config_from_dict",

@@ -17,6 +17,8 @@ OUT/values.parquet                     one row per training example
 OUT/values_per_test.parquet            (per_test_point) one row per (training, test) pair
 OUT/suspects.parquet                   `clean`: training points ranked by suspicion
 OUT/clean/{scores,curves}.parquet, OUT/clean/noise/*, OUT/clean/summary.json   `clean` outputs
+OUT/explanations.parquet               `explain`: one row per explained text and training example
+OUT/explain/train_features/            `explain`: cached training gradient blocks (key.json, block-NNNNN.npz)
 OUT/report.html                        `report`
 ```
 
@@ -129,6 +131,20 @@ class Layout:
     @property
     def summary(self) -> Path:
         return self.clean_dir / "summary.json"
+
+    # ---- explanations of new texts (freeshap-ray explain)
+    @property
+    def explanations(self) -> Path:
+        return self.root / "explanations.parquet"
+
+    @property
+    def explain_dir(self) -> Path:
+        return self.root / "explain"
+
+    @property
+    def train_features(self) -> Path:
+        """Cache of the training set's gradient blocks (derived from the kernel's plan; safe to delete)."""
+        return self.explain_dir / "train_features"
 
     @property
     def report(self) -> Path:
