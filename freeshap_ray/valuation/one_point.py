@@ -25,6 +25,7 @@ import numpy as np
 
 from ..utility.metrics import BuiltinUtility, _check, _logsumexp_last
 from ..utility.problem import RegressionProblem
+from .estimators import Context, Estimator
 from .aggregate import Estimate, aggregate
 from .samplers import sampler_permutation
 from .settings import ValuationSettings
@@ -122,7 +123,7 @@ def one_point_values(problem: RegressionProblem, settings: ValuationSettings) ->
             block_size=DEFAULT_BLOCK_SIZE)) for pid in range(n_ids)]
     sink = MemorySink()
     sink.write(batch, c.seed, c.sampler, False)
-    est = aggregate(sink, problem.n, 1, sampler=c.sampler, per_test_point=False, sign_splits=c.sign_splits,
-                    sign_seed=c.seed)
+    one = dataclasses.replace(settings, config=dataclasses.replace(c, per_test_point=False, estimator="tmc"))
+    est = aggregate(sink, problem.n, 1, Estimator(one), Context(v_full), sign_splits=c.sign_splits)
     est.info.update(v_full=v_full, v_empty=float(settings.utility.empty_value(problem.y_test, problem.n_classes)))
     return est
