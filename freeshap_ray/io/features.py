@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
-from .feature_plan import FEATURES_META_KEY, FeaturePlan, ShardSpec, features_schema
+from .feature_plan import FEATURES_META_KEY, FEATURES_SCHEMA_VERSION, FeaturePlan, ShardSpec, features_schema
 from .remote import filesystem_from_uri, has_atomic_rename, is_uri
 
 __all__ = ["FeatureStore", "MANIFEST_NAME", "PLAN_NAME"]
@@ -130,7 +130,8 @@ class FeatureStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:
-            raise OutputError(f"{self.where(name)}: unreadable ({err}); pass --overwrite to discard the features") from err
+            raise OutputError(f"{self.where(name)}: unreadable ({err}); pass --overwrite to discard the "
+                              "features") from err
         if not isinstance(data, dict):
             raise OutputError(f"{self.where(name)}: not a features record; pass --overwrite to discard the features")
         return data
@@ -258,8 +259,7 @@ class FeatureStore:
         Returns:
             The manifest (:meth:`dataset_info`).
         """
-        expected = {k: v for k, v in plan.record().items() if k != "rng_checksum"}
-        expected["rng_checksum"] = plan.rng_checksum
+        expected = plan.record()  # with the driver's RNG checksum
         dim = None
         for spec in plan.shards():
             pf = self._open(spec.name)
@@ -272,8 +272,9 @@ class FeatureStore:
         for name in self.names(hidden=True):  # temp files of writers killed mid-write (none is running now)
             self._delete(name)
         splits = {s: {"rows": n, "shards": [x.name for x in plan.shards(s)]} for s, n in plan.sizes}
-        manifest = {**plan.record(), "schema": "features/1", "dim": dim, "width": None if dim is None else
-                    dim * plan.outputs, "numpy": np.__version__, "splits": splits, "stats": stats or {}}
+        manifest = {**plan.record(), "schema": f"features/{FEATURES_SCHEMA_VERSION}", "dim": dim,
+                    "width": None if dim is None else dim * plan.outputs, "numpy": np.__version__, "splits": splits,
+                    "stats": stats or {}}
         self._write_json(MANIFEST_NAME, manifest)
         return manifest
 
@@ -305,7 +306,8 @@ class FeatureStore:
                 rid = batch.column(0).to_numpy()
                 feats = batch.column(2)
                 if feats.null_count or (len(rid) and np.any(np.diff(rid) != 1)):
-                    raise OutputError(f"{self.where(name)}: null features or non-contiguous row ids; delete it and rerun")
+                    raise OutputError(f"{self.where(name)}: null features or non-contiguous row ids; delete it "
+                                      "and rerun")
                 flat = feats.flatten().to_numpy(zero_copy_only=True)
                 yield (int(rid[0]) if len(rid) else 0), batch.column(1).to_numpy(), flat.reshape(len(rid) * c, dim)
 
@@ -325,7 +327,8 @@ class FeatureStore:
         filled = 0
         for start, lab, feats in self.iter_shards(split):
             if start != filled:
-                raise OutputError(f"{self.where(MANIFEST_NAME)}: {split} rows {filled}.. missing (shard starts at {start})")
+                raise OutputError(f"{self.where(MANIFEST_NAME)}: {split} rows {filled}.. missing (a shard starts at "
+                                  f"{start})")
             out[start * c : start * c + feats.shape[0]] = feats
             labels[start : start + len(lab)] = lab
             filled += len(lab)
