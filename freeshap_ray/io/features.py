@@ -145,42 +145,43 @@ class FeatureStore:
         for name in self.names() + self.names(hidden=True):
             self._delete(name)
 
-    def begin(self, plan: FeaturePlan, *, overwrite: bool = False) -> bool:
-        """Claim the directory for ``plan``: True if a finished dataset of this plan is already there.
+    def check(self, plan: FeaturePlan, *, overwrite: bool = False) -> str:
+        """What the directory holds for ``plan``, read only (call it before any work):
 
-        Shards of an unfinished run of the same plan are kept (a rerun computes only the missing ones).
+        ``finished`` (a complete dataset of this plan), ``resume`` (shards of an unfinished run of this plan),
+        ``new`` (nothing), ``replace`` (files that ``overwrite`` will discard: with it, everything is recomputed).
 
         Raises:
-            OutputError: the directory holds features of another plan (the message names the file and the
-                first differing key) or unreadable records, and ``overwrite`` is off (with it they are deleted).
+            OutputError: without ``overwrite``, features of another plan (the message names the file and the
+                first differing key), shards without ``_plan.json``, or unreadable records.
         """
+        if overwrite:
+            return "replace" if self.names() or self.names(hidden=True) else "new"
         for name in (MANIFEST_NAME, PLAN_NAME):
-            try:
-                stored = self._read_json(name)
-            except OutputError:
-                if not overwrite:
-                    raise
-                self.clear()
-                break
+            stored = self._read_json(name)
             if stored is None:
                 continue
             key = plan.differs(stored)
-            if key is None:
-                if name == MANIFEST_NAME:
-                    return True
-                break
-            if not overwrite:
+            if key is not None:
                 raise OutputError(f"{self.where(name)}: features of a different plan ({key}={stored.get(key)!r}, this "
                                   f"run has {plan.record()[key]!r}); pass --overwrite to replace them")
+            return "finished" if name == MANIFEST_NAME else "resume"
+        if self.shard_names():
+            raise OutputError(f"{self.where(PLAN_NAME)}: missing, so the shards in {self.root} cannot be checked; "
+                              "pass --overwrite to replace them")
+        return "new"
+
+    def begin(self, plan: FeaturePlan, *, overwrite: bool = False) -> bool:
+        """Claim the directory for ``plan`` (:meth:`check`, then ``_plan.json``): True if a finished dataset of this
+        plan is already there. Shards of an unfinished run of the same plan are kept; ``overwrite`` deletes every
+        file first."""
+        state = self.check(plan, overwrite=overwrite)
+        if state == "finished":
+            return True
+        if state == "replace":
             self.clear()
-            break
-        else:
-            if self.shard_names() and not overwrite:
-                raise OutputError(f"{self.where(PLAN_NAME)}: missing, so the shards in {self.root} cannot be checked; "
-                                  "pass --overwrite to replace them")
-            if overwrite:
-                self.clear()
-        self._write_json(PLAN_NAME, plan.record())
+        if state != "resume":
+            self._write_json(PLAN_NAME, plan.record())
         return False
 
     def missing_shards(self, plan: FeaturePlan) -> list[ShardSpec]:
