@@ -101,8 +101,9 @@ def test_features_equal_in_process_worker(ref, model, kind):
 
 @pytest.mark.parametrize("kind", ["first_logit", "full"])
 def test_inner_products_equal_projected_kernel(ref, model, kind, tmp_path):
-    """K from the kernel job (float32 GEMMs over ≤ MIXED_CHUNK columns summed in float64) vs ⟨φ, φ'⟩ in float64
-    from the stored features: |K − G| ≤ (γ_k(f32) + γ_D(f64) + γ_{⌈D/k⌉}(f64))·(|Φ||Φ'|ᵀ), k = min(D, MIXED_CHUNK)."""
+    """K from the kernel job (float32 GEMMs over ≤ MIXED_CHUNK columns summed in float64) vs G = ⟨φ, φ'⟩ in float64
+    from the stored features (the same floats: same blocks, same code):
+    |K − G| ≤ (γ_k(f32) + γ_D(f64) + γ_{⌈D/k⌉}(f64))·(|Φ||Φ'|ᵀ), k = min(D, MIXED_CHUNK)."""
     store, _ = ref[kind]
     layout = Layout(tmp_path)
     run_kernel_job(job_of(model, kind=kind), layout, progress=False)

@@ -51,7 +51,7 @@ LABELS = {"train": [0, 1, 0, 1, 0], "test": [1, 1, 0, 0]}
 def test_shards_schema_manifest_and_matrix(tmp_path, kind):
     plan = _plan(kind)
     store = FeatureStore.of(tmp_path / "out")
-    assert store.begin(plan) is False
+    assert store.check(plan) == "new" and store.begin(plan) is False and store.check(plan) == "resume"
     assert [s.name for s in store.missing_shards(plan)] == [
         "train-00000000.parquet", "train-00000002.parquet", "train-00000004.parquet",
         "test-00000000.parquet", "test-00000002.parquet"]
@@ -76,6 +76,7 @@ def test_shards_schema_manifest_and_matrix(tmp_path, kind):
         np.testing.assert_array_equal(phi, want)
         np.testing.assert_array_equal(y, LABELS[split])
     assert store.begin(plan) is True  # finished: reused as is
+    assert store.begin(plan, overwrite=True) is False and store.names() == [PLAN_NAME]  # overwrite: recomputed
 
 
 def test_other_plan_refused_unless_overwrite(tmp_path):
@@ -92,6 +93,7 @@ def test_other_plan_refused_unless_overwrite(tmp_path):
                                    MODEL, KernelConfig(kind="full", projection_dim=64, feature_shard_rows=2))
     with pytest.raises(OutputError, match=r"\(signature="):  # same settings, other labels
         store.begin(relabelled)
+    assert store.check(plan) == "finished" and store.check(other, overwrite=True) == "replace"
     assert store.begin(other, overwrite=True) is False  # overwrite: everything discarded
     assert store.names() == [PLAN_NAME] and len(store.missing_shards(other)) == 5
 

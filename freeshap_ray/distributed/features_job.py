@@ -139,7 +139,8 @@ def compute_features(job: KernelInputs, store: FeatureStore, *, labels: Mapping[
         job: texts, model and kernel settings (``kernel.projection_dim`` > 0, ``kernel.param_shards`` 1).
         store: the features directory (local shared path or URI).
         labels: ``{"train": (n,), "test": (m,)}`` integer labels, stored with the features.
-        overwrite: replace features of another plan (else they are an OutputError naming the file).
+        overwrite: discard whatever the directory holds and compute every shard (without it, features of
+            another plan are an OutputError naming the file; :meth:`FeatureStore.check` tells before any work).
         progress: show a progress bar (rows, rate and ETA).
         on_shard: called on the driver with (status row, shards written so far) after each shard; tests use
             it to interrupt the job.

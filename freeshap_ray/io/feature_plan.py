@@ -130,4 +130,5 @@ class FeaturePlan:
 
     def shard_meta(self, dim: int) -> dict[str, Any]:
         """A shard's metadata: the plan, the actual D, and this process's numpy version and RNG checksum."""
-        return {**self.record(), "dim": int(dim), "numpy": np.__version__, "rng_checksum": rng_checksum(self.projection_seed)}
+        return {**self.record(), "dim": int(dim), "numpy": np.__version__,
+                "rng_checksum": rng_checksum(self.projection_seed)}

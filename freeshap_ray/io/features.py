@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
-from .feature_plan import FEATURES_META_KEY, FeaturePlan, ShardSpec, features_schema
+from .feature_plan import FEATURES_META_KEY, FEATURES_SCHEMA_VERSION, FeaturePlan, ShardSpec, features_schema
 from .remote import filesystem_from_uri, has_atomic_rename, is_uri
 
 __all__ = ["FeatureStore", "MANIFEST_NAME", "PLAN_NAME"]
@@ -130,7 +130,8 @@ class FeatureStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:
-            raise OutputError(f"{self.where(name)}: unreadable ({err}); pass --overwrite to discard the features") from err
+            raise OutputError(f"{self.where(name)}: unreadable ({err}); pass --overwrite to discard the "
+                              "features") from err
         if not isinstance(data, dict):
             raise OutputError(f"{self.where(name)}: not a features record; pass --overwrite to discard the features")
         return data
@@ -144,42 +145,43 @@ class FeatureStore:
         for name in self.names() + self.names(hidden=True):
             self._delete(name)
 
-    def begin(self, plan: FeaturePlan, *, overwrite: bool = False) -> bool:
-        """Claim the directory for ``plan``: True if a finished dataset of this plan is already there.
+    def check(self, plan: FeaturePlan, *, overwrite: bool = False) -> str:
+        """What the directory holds for ``plan``, read only (call it before any work):
 
-        Shards of an unfinished run of the same plan are kept (a rerun computes only the missing ones).
+        ``finished`` (a complete dataset of this plan), ``resume`` (shards of an unfinished run of this plan),
+        ``new`` (nothing), ``replace`` (files that ``overwrite`` will discard: with it, everything is recomputed).
 
         Raises:
-            OutputError: the directory holds features of another plan (the message names the file and the
-                first differing key) or unreadable records, and ``overwrite`` is off (with it they are deleted).
+            OutputError: without ``overwrite``, features of another plan (the message names the file and the
+                first differing key), shards without ``_plan.json``, or unreadable records.
         """
+        if overwrite:
+            return "replace" if self.names() or self.names(hidden=True) else "new"
         for name in (MANIFEST_NAME, PLAN_NAME):
-            try:
-                stored = self._read_json(name)
-            except OutputError:
-                if not overwrite:
-                    raise
-                self.clear()
-                break
+            stored = self._read_json(name)
             if stored is None:
                 continue
             key = plan.differs(stored)
-            if key is None:
-                if name == MANIFEST_NAME:
-                    return True
-                break
-            if not overwrite:
+            if key is not None:
                 raise OutputError(f"{self.where(name)}: features of a different plan ({key}={stored.get(key)!r}, this "
                                   f"run has {plan.record()[key]!r}); pass --overwrite to replace them")
+            return "finished" if name == MANIFEST_NAME else "resume"
+        if self.shard_names():
+            raise OutputError(f"{self.where(PLAN_NAME)}: missing, so the shards in {self.root} cannot be checked; "
+                              "pass --overwrite to replace them")
+        return "new"
+
+    def begin(self, plan: FeaturePlan, *, overwrite: bool = False) -> bool:
+        """Claim the directory for ``plan`` (:meth:`check`, then ``_plan.json``): True if a finished dataset of this
+        plan is already there. Shards of an unfinished run of the same plan are kept; ``overwrite`` deletes every
+        file first."""
+        state = self.check(plan, overwrite=overwrite)
+        if state == "finished":
+            return True
+        if state == "replace":
             self.clear()
-            break
-        else:
-            if self.shard_names() and not overwrite:
-                raise OutputError(f"{self.where(PLAN_NAME)}: missing, so the shards in {self.root} cannot be checked; "
-                                  "pass --overwrite to replace them")
-            if overwrite:
-                self.clear()
-        self._write_json(PLAN_NAME, plan.record())
+        if state != "resume":
+            self._write_json(PLAN_NAME, plan.record())
         return False
 
     def missing_shards(self, plan: FeaturePlan) -> list[ShardSpec]:
@@ -258,8 +260,7 @@ class FeatureStore:
         Returns:
             The manifest (:meth:`dataset_info`).
         """
-        expected = {k: v for k, v in plan.record().items() if k != "rng_checksum"}
-        expected["rng_checksum"] = plan.rng_checksum
+        expected = plan.record()  # with the driver's RNG checksum
         dim = None
         for spec in plan.shards():
             pf = self._open(spec.name)
@@ -272,8 +273,9 @@ class FeatureStore:
         for name in self.names(hidden=True):  # temp files of writers killed mid-write (none is running now)
             self._delete(name)
         splits = {s: {"rows": n, "shards": [x.name for x in plan.shards(s)]} for s, n in plan.sizes}
-        manifest = {**plan.record(), "schema": "features/1", "dim": dim, "width": None if dim is None else
-                    dim * plan.outputs, "numpy": np.__version__, "splits": splits, "stats": stats or {}}
+        manifest = {**plan.record(), "schema": f"features/{FEATURES_SCHEMA_VERSION}", "dim": dim,
+                    "width": None if dim is None else dim * plan.outputs, "numpy": np.__version__, "splits": splits,
+                    "stats": stats or {}}
         self._write_json(MANIFEST_NAME, manifest)
         return manifest
 
@@ -305,7 +307,8 @@ class FeatureStore:
                 rid = batch.column(0).to_numpy()
                 feats = batch.column(2)
                 if feats.null_count or (len(rid) and np.any(np.diff(rid) != 1)):
-                    raise OutputError(f"{self.where(name)}: null features or non-contiguous row ids; delete it and rerun")
+                    raise OutputError(f"{self.where(name)}: null features or non-contiguous row ids; delete it "
+                                      "and rerun")
                 flat = feats.flatten().to_numpy(zero_copy_only=True)
                 yield (int(rid[0]) if len(rid) else 0), batch.column(1).to_numpy(), flat.reshape(len(rid) * c, dim)
 
@@ -325,7 +328,8 @@ class FeatureStore:
         filled = 0
         for start, lab, feats in self.iter_shards(split):
             if start != filled:
-                raise OutputError(f"{self.where(MANIFEST_NAME)}: {split} rows {filled}.. missing (shard starts at {start})")
+                raise OutputError(f"{self.where(MANIFEST_NAME)}: {split} rows {filled}.. missing (a shard starts at "
+                                  f"{start})")
             out[start * c : start * c + feats.shape[0]] = feats
             labels[start : start + len(lab)] = lab
             filled += len(lab)
