@@ -20,6 +20,7 @@ from .data import Splits, load_splits
 from .errors import ConfigError, OutputError
 from .grads import param_sizes
 from .io import (
+    FeaturePlan,
     FeatureStore,
     KernelStore,
     Layout,
@@ -112,6 +113,10 @@ def prepare_kernel_stage(cfg: JobConfig, *, overwrite: bool = False, train=None,
                        param_sizes(clf, names))
     info = {"model_kind": clf.kind, "label_token_ids": clf.label_token_ids}
     del clf
+    if cfg.kernel.projection_dim > 0:  # features of another plan are refused now, before Ray starts
+        labels = {"train": splits.train.labels, "test": splits.test.labels}
+        FeatureStore.of(cfg.output).check(FeaturePlan.build({"train": job.train_texts, "test": job.test_texts}, labels,
+                                                            cfg.model, cfg.kernel), overwrite=overwrite)
     store = KernelStore(layout)
     if not overwrite and (old := store.finished_signature()) is not None:
         if old != job.signature:
