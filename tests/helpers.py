@@ -148,3 +148,19 @@ def run_resumable(problem, store, *, utility="accuracy", progress=False, on_batc
     store.discard_mismatched = discard_mismatched
     settings = ValuationSettings.of(None, utility, **shapley_keys)
     return run_valuation(problem, settings, store, progress=progress, on_batch=on_batch)
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the processes in session ``sid`` (a job started with ``start_new_session=True`` and everything it
+    spawned: its embedded Ray's GCS, raylet, workers and agents)."""
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out

@@ -22,7 +22,7 @@ import yaml
 from freeshap_ray.io import MarginalsStore, load_kernel
 from freeshap_ray.utility import RegressionProblem
 
-from .helpers import LABELS, TEXTS, run_kernel_job, run_resumable, write_csv
+from .helpers import LABELS, TEXTS, run_kernel_job, run_resumable, session_members, write_csv
 
 
 def problem(n=10, m=12, d=5, seed=0) -> RegressionProblem:
@@ -125,26 +125,14 @@ N_PERMUTATIONS = 120
 N_TILES = 21 + 18  # blocks of one example: 6 train -> 21 lower-triangular train x train tiles, 3 test -> 18
 
 
-def _session_members(sid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    out.append(int(entry))
-            except OSError:
-                pass
-    return out
-
-
 def _reap(sid: int) -> None:
     """After the driver died: its embedded Ray (GCS, raylet, workers) exits with it within a few seconds, Ray's
     dashboard and runtime-env agents up to a minute later; whatever of the session (our own subprocess's) is
     left after a second is killed."""
     deadline = time.monotonic() + 1
-    while _session_members(sid) and time.monotonic() < deadline:
+    while session_members(sid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for pid in _session_members(sid):
+    for pid in session_members(sid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

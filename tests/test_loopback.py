@@ -19,21 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import job_args, write_csv
+from .helpers import job_args, session_members, write_csv
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
-
-
-def _session_pids(sid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    out.append(int(entry))
-            except OSError:
-                continue
-    return out
 
 
 def _socket_inodes(pid: int) -> set[str]:
@@ -91,7 +79,7 @@ def test_job_embedded_ray_listens_on_loopback_only(tmp_path):
     try:
         deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
-            pids = _session_pids(proc.pid)
+            pids = session_members(proc.pid)
             for pid in pids:
                 try:
                     comms.add(Path(f"/proc/{pid}/comm").read_text().strip())

@@ -187,6 +187,19 @@ def _record_micro_batch(
         del x, g
 
 
+def _embedding_tokens(mod: nn.Embedding, x: torch.Tensor, g: torch.Tensor, n_out: int):
+    """The active tokens of an embedding call: their ids (N,), output-gradients (N, d) and rows (N,)."""
+    if mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse:
+        raise HooksUnsupported("nn.Embedding with max_norm/scale_grad_by_freq/sparse")
+    ids = _rows_of(x.reshape(x.shape[0], -1), n_out)
+    gg = g.reshape(g.shape[0], -1, mod.embedding_dim).float()
+    active = (gg != 0).any(-1)
+    if mod.padding_idx is not None:
+        active &= ids != mod.padding_idx  # the padding row never receives gradient
+    r_idx, t_idx = active.nonzero(as_tuple=True)
+    return ids[r_idx, t_idx], gg[r_idx, t_idx], r_idx
+
+
 def _features_of_call(mod, params, x, g, n_out, global_rows, acc: _Accumulator) -> None:
     rows = g.shape[0]
     if isinstance(mod, nn.Linear):
@@ -204,16 +217,9 @@ def _features_of_call(mod, params, x, g, n_out, global_rows, acc: _Accumulator) 
                 raise HooksUnsupported(f"{name}: unexpected Linear parameter")
         return
     if isinstance(mod, nn.Embedding):
-        if mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse:
-            raise HooksUnsupported("nn.Embedding with max_norm/scale_grad_by_freq/sparse")
-        ids = _rows_of(x.reshape(x.shape[0], -1), n_out)
-        gg = g.reshape(rows, -1, mod.embedding_dim).float()
-        active = (gg != 0).any(-1)
-        if mod.padding_idx is not None:
-            active &= ids != mod.padding_idx  # the padding row never receives gradient
-        r_idx, t_idx = active.nonzero(as_tuple=True)
+        ids, gg, r_idx = _embedding_tokens(mod, x, g, n_out)
         for name, _ in params:
-            acc.embedding[name].append((ids[r_idx, t_idx].cpu(), gg[r_idx, t_idx].cpu(), global_rows[r_idx.cpu()]))
+            acc.embedding[name].append((ids.cpu(), gg.cpu(), global_rows[r_idx.cpu()]))
         return
     per_row = _generic_per_row(mod, params, x, g, n_out)
     for name, attr in params:
@@ -256,17 +262,9 @@ def _projected_features_of_call(mod, params, x, g, n_out, global_rows, acc: _Acc
                 raise HooksUnsupported(f"{name}: unexpected Linear parameter")
         return
     if isinstance(mod, nn.Embedding):
-        if mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse:
-            raise HooksUnsupported("nn.Embedding with max_norm/scale_grad_by_freq/sparse")
-        ids = _rows_of(x.reshape(x.shape[0], -1), n_out)
-        gg = g.reshape(rows, -1, mod.embedding_dim).float()
-        active = (gg != 0).any(-1)
-        if mod.padding_idx is not None:
-            active &= ids != mod.padding_idx
-        r_idx, t_idx = active.nonzero(as_tuple=True)
+        ids, gg, r_idx = _embedding_tokens(mod, x, g, n_out)
         for name, _ in params:
-            feats = proj[name].project_tokens(ids[r_idx, t_idx], gg[r_idx, t_idx], r_idx, rows)
-            acc.add_dense(name, global_rows, feats)
+            acc.add_dense(name, global_rows, proj[name].project_tokens(ids, gg, r_idx, rows))
         return
     per_row = _generic_per_row(mod, params, x, g, n_out)
     for name, attr in params:

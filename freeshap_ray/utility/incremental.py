@@ -33,7 +33,7 @@ from ..errors import KernelError
 from ._blas import trsm_lower_inplace
 from .problem import RegressionProblem
 
-__all__ = ["IncrementalRegressor"]
+__all__ = ["IncrementalRegressor", "PrefixRegressor"]
 
 
 def _solve_lower(L: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -65,7 +65,34 @@ def _first_bad_pivot(S: np.ndarray) -> tuple[int, float]:
     return -1, float("nan")
 
 
-class IncrementalRegressor:
+class PrefixRegressor:
+    """What every regressor that grows a training prefix exposes (subclasses keep ``problem``, ``_order``,
+    ``_count`` and the current predictions ``_F``, and implement :meth:`extend`)."""
+
+    @property
+    def size(self) -> int:
+        """Number of training points added so far."""
+        return self._count
+
+    @property
+    def order(self) -> np.ndarray:
+        """``(size,)`` training indices in the order they were added."""
+        return self._order[: self._count].copy()
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """``(m, C)`` predictions of the current prefix (zeros when empty)."""
+        return self.problem.reshape_predictions(self._F.copy())
+
+    def add(self, i: int) -> np.ndarray:
+        """Add training point ``i`` (its ``g`` rows); returns the ``(m, C)`` predictions of the new prefix."""
+        return self.extend(np.array([i], dtype=np.int64))[0]
+
+    def extend(self, points: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class IncrementalRegressor(PrefixRegressor):
     """Grows the Cholesky factor ``L`` of ``Ks[S, S] + lam I`` one point (or block) at a time.
 
     Keeps ``A = KTs[:, S] L^-T`` (stored transposed, ``(|S|*g, m*g)``), ``B = L^-1 T[S]``
@@ -87,33 +114,6 @@ class IncrementalRegressor:
         self._added = np.zeros(problem.n, dtype=bool)
         self._size = 0  # rows in S
         self._count = 0  # points in S
-
-    @property
-    def size(self) -> int:
-        """Number of training points added so far."""
-        return self._count
-
-    @property
-    def order(self) -> np.ndarray:
-        """``(size,)`` training indices in the order they were added."""
-        return self._order[: self._count].copy()
-
-    @property
-    def predictions(self) -> np.ndarray:
-        """``(m, C)`` predictions of the current prefix (zeros when empty)."""
-        return self.problem.reshape_predictions(self._F.copy())
-
-    def add(self, i: int) -> np.ndarray:
-        """Add training point ``i`` (its ``g`` rows).
-
-        Returns:
-            ``(m, C)`` predictions of the prefix including ``i``.
-
-        Raises:
-            KernelError: the Schur complement is not positive definite (kernel not PSD).
-            ValueError: ``i`` out of range or already added.
-        """
-        return self.extend(np.array([i], dtype=np.int64))[0]
 
     def extend(self, points: np.ndarray) -> np.ndarray:
         """Add several training points in order, in one level-3 update.

@@ -32,6 +32,7 @@ from scipy.linalg import lapack
 
 from ..errors import KernelError
 from .features import FeatureProblem
+from .incremental import PrefixRegressor
 
 __all__ = ["PrimalRegressor", "DEFAULT_PANEL", "MAX_UPDATE_ROWS"]
 
@@ -43,7 +44,7 @@ DEFAULT_PANEL = 32
 MAX_UPDATE_ROWS = 256
 
 
-class PrimalRegressor:
+class PrimalRegressor(PrefixRegressor):
     """Grows the QR form of the feature-space ridge regression one point (or block) at a time.
 
     Same interface as :class:`~freeshap_ray.utility.IncrementalRegressor`. Memory: ``D² + D·(M + r)``
@@ -70,25 +71,6 @@ class PrimalRegressor:
         self._added = np.zeros(problem.n, dtype=bool)
         self._count = 0
         self._broken: str | None = None
-
-    @property
-    def size(self) -> int:
-        """Number of training points added so far."""
-        return self._count
-
-    @property
-    def order(self) -> np.ndarray:
-        """``(size,)`` training indices in the order they were added."""
-        return self._order[: self._count].copy()
-
-    @property
-    def predictions(self) -> np.ndarray:
-        """``(m, C)`` predictions of the current prefix (zeros when empty)."""
-        return self.problem.reshape_predictions(self._F.copy())
-
-    def add(self, i: int) -> np.ndarray:
-        """Add training point ``i`` (its ``g`` rows); returns the ``(m, C)`` predictions of the new prefix."""
-        return self.extend(np.array([i], dtype=np.int64))[0]
 
     def extend(self, points: np.ndarray) -> np.ndarray:
         """Add several training points in order, in one blocked orthogonal update.
