@@ -552,13 +552,39 @@ def test_controls_are_a_function_of_seed_and_id():
     from freeshap_ray.valuation.control_variate import DEFAULT_BASIS, position_basis, sample_controls
 
     n = 9
-    allz = sample_controls(n, 2, np.arange(10), "antithetic")
-    np.testing.assert_array_equal(sample_controls(n, 2, np.array([7, 3]), "antithetic"), allz[[7, 3]])
+    allz = sample_controls(n, 2, np.arange(10), "antithetic", DEFAULT_BASIS)
+    np.testing.assert_array_equal(sample_controls(n, 2, np.array([7, 3]), "antithetic", DEFAULT_BASIS), allz[[7, 3]])
     # pair 3 = permutations 6 and 7 (the reverse): mean of the basis at the two positions
     p6 = np.argsort(sampler_permutation(n, 2, 6, "antithetic"))
     p7 = np.argsort(sampler_permutation(n, 2, 7, "antithetic"))
     np.testing.assert_array_equal(p7, n - 1 - p6)
     want = 0.5 * (position_basis(p6, DEFAULT_BASIS) + position_basis(p7, DEFAULT_BASIS))
     np.testing.assert_allclose(allz[3], want, rtol=0, atol=4 * EPS)
-    plain = sample_controls(n, 2, np.array([4]))
+    plain = sample_controls(n, 2, np.array([4]), basis=DEFAULT_BASIS)
     np.testing.assert_array_equal(plain[0], position_basis(np.argsort(sampler_permutation(n, 2, 4)), DEFAULT_BASIS))
+    bins = sample_controls(n, 2, np.array([4]))  # default: size-bin indicators, one per point
+    np.testing.assert_array_equal(bins.sum(axis=2), 1.0)
+
+
+def test_control_coefficient_guard():
+    """Too few samples per control, or a control that explains nothing, leaves the plain mean (unbiased either way)."""
+    from freeshap_ray.valuation.control_variate import MIN_PER_CONTROL, CVStats, control_mean, sample_controls
+
+    n = 10
+    rng = np.random.default_rng(3)
+    ids = np.arange(400)
+    z = sample_controls(n, 1, ids)
+    q = z.shape[2]
+    mu = control_mean(n)
+    noise = rng.normal(size=(400, n))  # independent of the controls
+    few = CVStats.from_samples(ids[:2 * MIN_PER_CONTROL * q - 2], noise[:2 * MIN_PER_CONTROL * q - 2],
+                               z[:2 * MIN_PER_CONTROL * q - 2], mu)
+    assert np.all(few.coefficients(0) == 0) and np.all(few.coefficients(1) == 0)
+    np.testing.assert_allclose(few.values().values, few.plain().values, rtol=0, atol=64 * EPS)
+    many = CVStats.from_samples(ids, noise, z, mu)
+    kept = np.any(many.coefficients(0) != 0, axis=1)
+    assert kept.mean() < 0.5  # chance fits are mostly refused (adjusted R^2 < 0.05)
+    signal = noise + 5.0 * (z @ np.linspace(-1, 1, q))  # strongly size-driven marginals
+    strong = CVStats.from_samples(ids, signal, z, mu)
+    assert np.all(np.any(strong.coefficients(0) != 0, axis=1))
+    assert strong.values().info["variance_ratio"] > 2
