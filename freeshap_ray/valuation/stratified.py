@@ -39,8 +39,8 @@ the edges; records from any plans and any batching merge.
 
 **Truncation**, explicit: strata at or beyond a truncation length ``L`` (an edge) form the tail, where a
 saturated utility makes marginals small but not zero. A plan either samples the tail thinly (its
-allocation, usually small because tail samples are expensive: ``tail="sample"``) or never samples it
-(``tail="zero"``). :meth:`StrataStats.values` with ``tail="zero"`` drops the tail's contribution; the
+allocation, usually small because tail samples are expensive: ``tail="sample"``), samples it at a fixed
+minimum rate only to measure the bias (``tail="thin"``), or never samples it (``tail="zero"``). :meth:`StrataStats.values` with ``tail="zero"`` drops the tail's contribution; the
 bias of doing so is ``-(1/n) sum_{s >= L} mu_{i,s}``, estimated with its standard error by
 :meth:`StrataStats.tail_contribution` whenever tail samples exist. Stated bound: the true tail
 contribution lies within ``|estimate| + z stderr`` (``z = 3``).
@@ -84,7 +84,8 @@ __all__ = [
 _SIZE_TAG = 0x5747
 #: Points whose prediction changes are held at once (bounds memory to ``chunk * m * C`` floats).
 _CHUNK = 512
-TAIL_TREATMENTS = ("sample", "zero")
+#: How a plan treats the strata at or beyond the truncation length (see :func:`allocate`).
+TAIL_TREATMENTS = ("sample", "thin", "zero")
 
 
 def geometric_edges(n: int, ratio: float = 2.0, truncation: int | None = None) -> np.ndarray:
@@ -236,7 +237,9 @@ def allocate(stats: StrataStats, cost: np.ndarray, *, per_cycle: int = 64, poole
         per_cycle: samples per cycle (per point for a per-point plan), the rounding resolution.
         pooled: one allocation for all points from ``sigma_h^2 = mean_i sigma_{i,h}^2``; else per point.
         tail_from: truncation length ``L`` (an edge) or None.
-        tail: ``"sample"``: the tail is allocated like any stratum; ``"zero"``: the tail gets no samples.
+        tail: ``"sample"``: the tail is allocated like any stratum; ``"thin"``: each tail stratum gets exactly
+            ``min_count`` samples per cycle (enough to measure the bias of dropping it, with a standard
+            error, at a small share of the cost); ``"zero"``: the tail gets no samples.
         min_count: samples per cycle that every sampled stratum keeps (so its variance stays estimable).
 
     Returns:
@@ -252,22 +255,27 @@ def allocate(stats: StrataStats, cost: np.ndarray, *, per_cycle: int = 64, poole
     if min_count < 1 or per_cycle < h * min_count:
         raise ValueError(f"per_cycle/min_count: need min_count >= 1 and per_cycle >= strata * min_count "
                          f"= {h * min_count}, got {per_cycle} and {min_count}")
-    sampled = np.ones(h, dtype=bool)
+    sampled = np.ones(h, dtype=bool)  # gets >= min_count per cycle
+    neyman = np.ones(h, dtype=bool)  # shares the rest by variance and cost
     if tail_from is not None:
         if tail_from not in e:
             raise ValueError(f"tail_from: {tail_from} must be one of the edges {e.tolist()}")
+        body = e[:-1] < tail_from
+        if tail != "sample":
+            neyman = body
         if tail == "zero":
-            sampled = e[:-1] < tail_from
+            sampled = body
     var = stats.variances_by_stratum()  # (n, H), nan where fewer than 2 samples
-    if np.any(np.isnan(var[:, sampled])):
-        raise ValueError("stats: every sampled stratum needs >= 2 pilot samples per point")
+    if np.any(np.isnan(var[:, neyman])):
+        raise ValueError("stats: every stratum allocated by variance needs >= 2 pilot samples per point")
+    var = np.where(np.isnan(var), 0.0, var)
     w = np.diff(e).astype(np.float64)
     floor = np.where(sampled, min_count, 0)
     if pooled:
-        score = np.where(sampled, w * np.sqrt(var.mean(axis=0)) / np.sqrt(c), 0.0)
+        score = np.where(neyman, w * np.sqrt(var.mean(axis=0)) / np.sqrt(c), 0.0)
         counts = _round_to_total(score, per_cycle, floor)
     else:
-        score = np.where(sampled, w * np.sqrt(var) / np.sqrt(c), 0.0)
+        score = np.where(neyman, w * np.sqrt(var) / np.sqrt(c), 0.0)
         counts = np.stack([_round_to_total(row, per_cycle, floor) for row in score])
     return StrataPlan(e, counts, stats.n)
 
@@ -541,8 +549,8 @@ class StrataStats:
             a point), ``counts`` (marginals per point), ``variances = stderr^2 * counts``. Merge the
             :class:`StrataStats`, not the results.
         """
-        if tail not in TAIL_TREATMENTS:
-            raise ValueError(f"tail: must be one of {list(TAIL_TREATMENTS)}, got {tail!r}")
+        if tail not in ("sample", "zero"):
+            raise ValueError(f"tail: must be 'sample' or 'zero', got {tail!r}")
         mask = np.ones(self.edges.size - 1, dtype=bool)
         info: dict[str, Any] = {"estimator": "stratified", "strata": int(mask.size), "samples": self.samples,
                                 "tail": tail, "tail_from": tail_from}
