@@ -52,7 +52,8 @@ import numpy as np
 from ..values import ValuesResult
 from .samplers import check_sampler, permutations_per_sample, sampler_permutation
 
-__all__ = ["DEFAULT_BASIS", "default_basis", "size_bin_basis", "position_basis", "control_mean", "sample_controls", "CVStats"]
+__all__ = ["DEFAULT_BASIS", "default_basis", "size_bin_basis", "position_basis", "control_mean", "sample_controls",
+           "CVStats"]
 
 Basis = Sequence[Callable[[np.ndarray], np.ndarray]]
 

@@ -29,8 +29,8 @@ width ``w_h``; with ``mu_{i,h}`` the mean of ``mu_{i,s}`` over the sizes of stra
    branched onto it; ``pos_j < t_j``: ``S_j + j = pi[:t+1]`` and ``j`` is removed from it.
 
 All taking-part points share the sample's stratum, so a sample in a small stratum walks a short prefix:
-its cost is ``~hi_h^3/3`` for the walk plus ``~t^2 + 2 m t`` per point (dual solver; with a feature
-map the primal costs ``O(t D + D^2)`` per point instead).
+its cost is ``~hi_h^3/3`` for the walk plus ``~t^2 + 2 m t`` per point (dual solver; a primal solver on
+``D`` features would pay ``O(D^2 + m D)`` per point instead, independent of ``t``).
 
 **Record** (one per sample, the unit that is streamed and resumed): ``sample_id``, ``sizes (n,)`` int
 (``-1`` = not taking part) and ``marginals (n,)`` or ``(n, m)`` per test point. The stratum of a record
@@ -38,10 +38,11 @@ follows from its size and the edges, so aggregation (:class:`StrataStats`) needs
 the edges; records from any plans and any batching merge.
 
 **Truncation**, explicit: strata at or beyond a truncation length ``L`` (an edge) form the tail, where a
-saturated utility makes marginals small but not zero. A plan either samples the tail thinly (its
-allocation, usually small because tail samples are expensive: ``tail="sample"``), samples it at a fixed
-minimum rate only to measure the bias (``tail="thin"``), or never samples it (``tail="zero"``). :meth:`StrataStats.values` with ``tail="zero"`` drops the tail's contribution; the
-bias of doing so is ``-(1/n) sum_{s >= L} mu_{i,s}``, estimated with its standard error by
+saturated utility makes marginals small but not zero. A plan either samples the tail by its Neyman
+allocation (usually small, tail samples being expensive: ``tail="sample"``), samples it at a fixed
+minimum rate only to measure the bias (``tail="thin"``), or never samples it (``tail="zero"``).
+:meth:`StrataStats.values` with ``tail="zero"`` drops the tail's contribution; the bias of doing so is
+``-(1/n) sum_{s >= L} mu_{i,s}``, estimated with its standard error by
 :meth:`StrataStats.tail_contribution` whenever tail samples exist. Stated bound: the true tail
 contribution lies within ``|estimate| + z stderr`` (``z = 3``).
 
@@ -50,7 +51,10 @@ contribution lies within ``|estimate| + z stderr`` (``z = 3``).
 stratum standard deviations of a pilot (two-stage, Castro et al. 2017), pooled over points (default:
 per-point variances by size are alike and the pooled ones are far less noisy) or per point. Every
 sampled stratum keeps at least ``min_count`` samples per cycle. Pilot samples may be kept in the
-estimate; the allocation then depends on them, an ``O(1/count)`` bias that the tests bound.
+estimate; the allocation then depends on them, an ``O(1/count)`` effect (not detected by the exact
+enumeration tests, which keep them; drop the pilot's records to exclude it). Standard errors of strata with
+few samples of a skewed marginal (accuracy) are themselves noisy: keep ``min_count`` cycles' worth (>= ~20
+samples per stratum) before trusting them.
 """
 
 from __future__ import annotations
