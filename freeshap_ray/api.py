@@ -43,7 +43,7 @@ def shapley(
     num_cpus_per_task: float = 1.0,
     estimator: Literal["tmc", "cv", "stratified", "msr_banzhaf"] = "tmc",
     convergence_target: float = 0.9,
-    stratified_tail: Literal["sample", "zero"] = "sample",
+    stratified_tail: Literal["sample", "thin", "zero"] = "sample",
 ) -> ValuesResult:
     """Monte-Carlo Shapley values of training points under the kernel-regression utility, on Ray.
 

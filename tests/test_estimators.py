@@ -307,11 +307,10 @@ def test_stratified_truncation_bias_is_measured_and_bounded(utility):
     prob = make_problem(n, 14, seed=1)
     mu = exact_stratum_means(prob, utility)
     exact, exact_tail = exact_shapley(prob, utility), mu[:, L:].sum(axis=1) / n
-    # the allocation serves the full estimate, which the big tail strata dominate; min_count keeps >= 27 samples in
-    # each small stratum so that the truncated estimate's stderr (dominated by them) is itself well estimated
-    stats, plan = stratified_run(prob, utility, seed=2, tail_from=L, tail="sample", min_count=4)
+    # "thin": Neyman allocation of the body, min_count (4: >= 27 samples with the pilot) in each tail stratum
+    stats, plan = stratified_run(prob, utility, seed=2, tail_from=L, tail="thin", min_count=4)
     tail_strata = plan.edges[:-1] >= L
-    assert plan.counts[tail_strata].min() >= 1  # thin, not dropped
+    assert np.all(plan.counts[tail_strata] == 4)  # thin, not dropped
     _, tol = prefix_values(prob, np.arange(n), "neg_ce")
     z = z_allow(n)
     full = stats.values(tail_from=L, tail="sample")
@@ -323,8 +322,10 @@ def test_stratified_truncation_bias_is_measured_and_bounded(utility):
     # the stated bound |tail| <= |estimate| + 3 stderr (z_allow for the n comparisons) holds for every point
     assert np.all(np.abs(exact_tail) <= np.abs(est) + z * se + tol)
     assert cut.info["tail_bias_max_bound"] == pytest.approx(float((np.abs(est) + 3 * se).max()))
-    # the bias is real here (n = 10 does not saturate), so the checks above could fail
-    assert np.max(np.abs(exact_tail) / se) > 3 * z
+    # the bias is real here (n = 10 does not saturate) and detectable: comparing the truncated estimate with the
+    # exact Shapley values, or a zero tail with its estimate, would fail
+    assert np.max(np.abs(exact_tail) / cut.stderr) > 2 * z
+    assert np.max(np.abs(exact_tail) / se) > 2 * z
 
 
 def test_stratified_zero_tail_never_walks_past_the_truncation():
@@ -388,6 +389,10 @@ def test_neyman_allocation():
     assert plan.counts[0] == 1  # zero variance: only the floor
     cut = allocate(stats, cost, per_cycle=200, tail_from=7, tail="zero")
     assert cut.counts[3] == cut.counts[4] == 0 and cut.counts.sum() == 200
+    thin = allocate(stats, cost, per_cycle=200, tail_from=7, tail="thin", min_count=2)
+    assert thin.counts[3] == thin.counts[4] == 2 and thin.counts.sum() == 200
+    body = w[:3] * sig[:3] / np.sqrt(cost[:3])  # 0, 2, 4: the body shares what is left above the floors
+    assert np.all(np.abs(thin.counts[:3] - (2 + (200 - 10) * body / body.sum())) <= 1)
     # cycle: every slot names a stratum, occurrences 0..count-1 each once, interleaved
     small = StrataPlan(edges, np.array([1, 2, 4, 0, 1]), n)
     cyc = small.cycle
@@ -552,13 +557,39 @@ def test_controls_are_a_function_of_seed_and_id():
     from freeshap_ray.valuation.control_variate import DEFAULT_BASIS, position_basis, sample_controls
 
     n = 9
-    allz = sample_controls(n, 2, np.arange(10), "antithetic")
-    np.testing.assert_array_equal(sample_controls(n, 2, np.array([7, 3]), "antithetic"), allz[[7, 3]])
+    allz = sample_controls(n, 2, np.arange(10), "antithetic", DEFAULT_BASIS)
+    np.testing.assert_array_equal(sample_controls(n, 2, np.array([7, 3]), "antithetic", DEFAULT_BASIS), allz[[7, 3]])
     # pair 3 = permutations 6 and 7 (the reverse): mean of the basis at the two positions
     p6 = np.argsort(sampler_permutation(n, 2, 6, "antithetic"))
     p7 = np.argsort(sampler_permutation(n, 2, 7, "antithetic"))
     np.testing.assert_array_equal(p7, n - 1 - p6)
     want = 0.5 * (position_basis(p6, DEFAULT_BASIS) + position_basis(p7, DEFAULT_BASIS))
     np.testing.assert_allclose(allz[3], want, rtol=0, atol=4 * EPS)
-    plain = sample_controls(n, 2, np.array([4]))
+    plain = sample_controls(n, 2, np.array([4]), basis=DEFAULT_BASIS)
     np.testing.assert_array_equal(plain[0], position_basis(np.argsort(sampler_permutation(n, 2, 4)), DEFAULT_BASIS))
+    bins = sample_controls(n, 2, np.array([4]))  # default: size-bin indicators, one per point
+    np.testing.assert_array_equal(bins.sum(axis=2), 1.0)
+
+
+def test_control_coefficient_guard():
+    """Too few samples per control, or a control that explains nothing, leaves the plain mean (unbiased either way)."""
+    from freeshap_ray.valuation.control_variate import MIN_PER_CONTROL, CVStats, control_mean, sample_controls
+
+    n = 10
+    rng = np.random.default_rng(3)
+    ids = np.arange(400)
+    z = sample_controls(n, 1, ids)
+    q = z.shape[2]
+    mu = control_mean(n)
+    noise = rng.normal(size=(400, n))  # independent of the controls
+    few = CVStats.from_samples(ids[:2 * MIN_PER_CONTROL * q - 2], noise[:2 * MIN_PER_CONTROL * q - 2],
+                               z[:2 * MIN_PER_CONTROL * q - 2], mu)
+    assert np.all(few.coefficients(0) == 0) and np.all(few.coefficients(1) == 0)
+    np.testing.assert_allclose(few.values().values, few.plain().values, rtol=0, atol=64 * EPS)
+    many = CVStats.from_samples(ids, noise, z, mu)
+    kept = np.any(many.coefficients(0) != 0, axis=1)
+    assert kept.mean() < 0.5  # chance fits are mostly refused (adjusted R^2 < 0.05)
+    signal = noise + 5.0 * (z @ np.linspace(-1, 1, q))  # strongly size-driven marginals
+    strong = CVStats.from_samples(ids, signal, z, mu)
+    assert np.all(np.any(strong.coefficients(0) != 0, axis=1))
+    assert strong.values().info["variance_ratio"] > 2

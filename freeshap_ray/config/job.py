@@ -218,8 +218,9 @@ class ShapleyConfig:
     permutations: ``tmc`` (truncated once ``|v(prefix) - v(N)| < truncation_tol·|v(N)|`` for
     ``truncation_patience`` consecutive steps; ``truncation_tol: 0`` disables it), ``permutation`` (never
     truncated) or ``antithetic`` (each permutation and its reverse; a pair is one sample).
-    ``stratified_tail``: ``sample`` (every coalition size is sampled: unbiased) or ``zero`` (sizes from the
-    truncation point on are not sampled and count 0; the bias is reported).
+    ``stratified_tail``: ``sample`` (every coalition size is sampled: unbiased), ``zero`` (sizes from the
+    truncation point on are never sampled and count 0) or ``thin`` (as ``zero``, but those sizes are sampled at
+    a low fixed rate to measure the bias, which is reported).
 
     ``n_permutations`` is the sample budget of ``seed`` (permutations, stratified samples or MSR subsets;
     samples of other seeds in the store are independent replicates: kept, reported, never mixed in);
@@ -256,13 +257,13 @@ class ShapleyConfig:
     placement: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
     estimator: Literal["tmc", "cv", "stratified", "msr_banzhaf"] = "tmc"
     convergence_target: float = 0.9
-    stratified_tail: Literal["sample", "zero"] = "sample"
+    stratified_tail: Literal["sample", "thin", "zero"] = "sample"
     solver: Literal["auto", "dual", "primal"] = "auto"
 
     def __post_init__(self) -> None:
         for key, allowed in (("utility", ("accuracy", "neg_ce", "margin")),
                              ("estimator", ("tmc", "cv", "stratified", "msr_banzhaf")),
-                             ("stratified_tail", ("sample", "zero")), ("solver", ("auto", "dual", "primal"))):
+                             ("stratified_tail", ("sample", "thin", "zero")), ("solver", ("auto", "dual", "primal"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"shapley.{key}: must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if not 0.0 < self.convergence_target < 1.0:

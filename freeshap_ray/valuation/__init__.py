@@ -1,4 +1,6 @@
-"""Shapley estimation over the kernel-regression utility: TMC permutations and exact enumeration.
+"""Data values over the kernel-regression utility: exact enumeration (tests), TMC/permutation/antithetic
+sampling (:mod:`.tmc`, :mod:`.samplers`), stratified Shapley (:mod:`.stratified`), control variates for
+permutations (:mod:`.control_variate`) and MSR-Banzhaf (:mod:`.banzhaf`).
 
 Named `valuation` (not `shapley`) so that the public function `freeshap_ray.shapley` is not shadowed.
 """

@@ -168,7 +168,8 @@ class StratifiedEstimator(Estimator):
     The first ``PILOT_PER_STRATUM`` cycles of a run follow a uniform plan; the rest follow the optimum
     (cost-weighted Neyman, pooled over points) allocation fitted to them. Both plans are recorded with the run,
     so a resumed run draws the same samples. With ``stratified_tail: zero`` sizes from the truncation point on
-    (the median point where TMC's rule fires on a few pilot permutations) are never sampled.
+    (the median point where TMC's rule fires on a few pilot permutations) are never sampled and count 0;
+    ``thin`` samples them at a fixed minimum rate only to measure that bias (reported, not added).
     """
 
     name = "stratified"
@@ -185,15 +186,15 @@ class StratifiedEstimator(Estimator):
         if run and run.get("plans"):
             plans = tuple((int(a), StrataPlan.from_description(d)) for a, d in run["plans"])
             return Context(v_full, plans, tail_from)
-        if self.settings.config.stratified_tail == "zero":
+        if self._tail != "sample":
             tail_from = self._truncation_point(problem, v_full)
         edges = geometric_edges(n, truncation=tail_from)
-        pilot = uniform_plan(n, edges, per_cycle=1, tail_from=tail_from if self._zero_tail else None)
+        pilot = uniform_plan(n, edges, per_cycle=1, tail_from=tail_from if self._tail == "zero" else None)
         return Context(v_full, ((0, pilot),), tail_from)
 
     @property
-    def _zero_tail(self) -> bool:
-        return self.settings.config.stratified_tail == "zero"
+    def _tail(self) -> str:
+        return self.settings.config.stratified_tail
 
     def _truncation_point(self, problem: RegressionProblem, v_full: float) -> int:
         """Median truncation point of 4 TMC permutations (seed-determined): where the utility saturates."""
@@ -212,8 +213,7 @@ class StratifiedEstimator(Estimator):
         plan = ctx.plans[0][1]
         cost = marginal_cost(plan.edges, problem.n, problem.m, problem.group)
         per_cycle = max(CYCLE, 2 * plan.strata)
-        new = allocate(pilot.inner, cost, per_cycle=per_cycle, pooled=True, tail_from=ctx.tail_from,
-                       tail="zero" if self._zero_tail else "sample")
+        new = allocate(pilot.inner, cost, per_cycle=per_cycle, pooled=True, tail_from=ctx.tail_from, tail=self._tail)
         return Context(ctx.v_full, ((0, plan), (self.pilot_size(ctx), new)), ctx.tail_from)
 
     def run(self, problem: RegressionProblem, ids: list[int], ctx: Context) -> list:
@@ -241,8 +241,8 @@ class StratifiedEstimator(Estimator):
     def values(self, stats: Stats, n: int, m: int | None = None) -> ValuesResult:
         if stats.inner is None:
             return ValuesResult.empty(n, m)
-        tail_from = stats.info.get("tail_from")
-        return stats.inner.values(tail_from=tail_from, tail=self.settings.config.stratified_tail)
+        tail_from = stats.info.get("tail_from")  # thin: the tail is sampled only to measure what zero drops
+        return stats.inner.values(tail_from=tail_from, tail="sample" if self._tail == "sample" else "zero")
 
 
 class BanzhafEstimator(Estimator):

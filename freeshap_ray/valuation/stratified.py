@@ -29,8 +29,8 @@ width ``w_h``; with ``mu_{i,h}`` the mean of ``mu_{i,s}`` over the sizes of stra
    branched onto it; ``pos_j < t_j``: ``S_j + j = pi[:t+1]`` and ``j`` is removed from it.
 
 All taking-part points share the sample's stratum, so a sample in a small stratum walks a short prefix:
-its cost is ``~hi_h^3/3`` for the walk plus ``~t^2 + 2 m t`` per point (dual solver; with a feature
-map the primal costs ``O(t D + D^2)`` per point instead).
+its cost is ``~hi_h^3/3`` for the walk plus ``~t^2 + 2 m t`` per point (dual solver; a primal solver on
+``D`` features would pay ``O(D^2 + m D)`` per point instead, independent of ``t``).
 
 **Record** (one per sample, the unit that is streamed and resumed): ``sample_id``, ``sizes (n,)`` int
 (``-1`` = not taking part) and ``marginals (n,)`` or ``(n, m)`` per test point. The stratum of a record
@@ -38,10 +38,11 @@ follows from its size and the edges, so aggregation (:class:`StrataStats`) needs
 the edges; records from any plans and any batching merge.
 
 **Truncation**, explicit: strata at or beyond a truncation length ``L`` (an edge) form the tail, where a
-saturated utility makes marginals small but not zero. A plan either samples the tail thinly (its
-allocation, usually small because tail samples are expensive: ``tail="sample"``) or never samples it
-(``tail="zero"``). :meth:`StrataStats.values` with ``tail="zero"`` drops the tail's contribution; the
-bias of doing so is ``-(1/n) sum_{s >= L} mu_{i,s}``, estimated with its standard error by
+saturated utility makes marginals small but not zero. A plan either samples the tail by its Neyman
+allocation (usually small, tail samples being expensive: ``tail="sample"``), samples it at a fixed
+minimum rate only to measure the bias (``tail="thin"``), or never samples it (``tail="zero"``).
+:meth:`StrataStats.values` with ``tail="zero"`` drops the tail's contribution; the bias of doing so is
+``-(1/n) sum_{s >= L} mu_{i,s}``, estimated with its standard error by
 :meth:`StrataStats.tail_contribution` whenever tail samples exist. Stated bound: the true tail
 contribution lies within ``|estimate| + z stderr`` (``z = 3``).
 
@@ -50,7 +51,10 @@ contribution lies within ``|estimate| + z stderr`` (``z = 3``).
 stratum standard deviations of a pilot (two-stage, Castro et al. 2017), pooled over points (default:
 per-point variances by size are alike and the pooled ones are far less noisy) or per point. Every
 sampled stratum keeps at least ``min_count`` samples per cycle. Pilot samples may be kept in the
-estimate; the allocation then depends on them, an ``O(1/count)`` bias that the tests bound.
+estimate; the allocation then depends on them, an ``O(1/count)`` effect (not detected by the exact
+enumeration tests, which keep them; drop the pilot's records to exclude it). Standard errors of strata with
+few samples of a skewed marginal (accuracy) are themselves noisy: keep ``min_count`` cycles' worth (>= ~20
+samples per stratum) before trusting them.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ __all__ = [
 _SIZE_TAG = 0x5747
 #: Points whose prediction changes are held at once (bounds memory to ``chunk * m * C`` floats).
 _CHUNK = 512
-TAIL_TREATMENTS = ("sample", "zero")
+#: How a plan treats the strata at or beyond the truncation length (see :func:`allocate`).
+TAIL_TREATMENTS = ("sample", "thin", "zero")
 
 
 def geometric_edges(n: int, ratio: float = 2.0, truncation: int | None = None) -> np.ndarray:
@@ -236,7 +241,9 @@ def allocate(stats: StrataStats, cost: np.ndarray, *, per_cycle: int = 64, poole
         per_cycle: samples per cycle (per point for a per-point plan), the rounding resolution.
         pooled: one allocation for all points from ``sigma_h^2 = mean_i sigma_{i,h}^2``; else per point.
         tail_from: truncation length ``L`` (an edge) or None.
-        tail: ``"sample"``: the tail is allocated like any stratum; ``"zero"``: the tail gets no samples.
+        tail: ``"sample"``: the tail is allocated like any stratum; ``"thin"``: each tail stratum gets exactly
+            ``min_count`` samples per cycle (enough to measure the bias of dropping it, with a standard
+            error, at a small share of the cost); ``"zero"``: the tail gets no samples.
         min_count: samples per cycle that every sampled stratum keeps (so its variance stays estimable).
 
     Returns:
@@ -252,22 +259,27 @@ def allocate(stats: StrataStats, cost: np.ndarray, *, per_cycle: int = 64, poole
     if min_count < 1 or per_cycle < h * min_count:
         raise ValueError(f"per_cycle/min_count: need min_count >= 1 and per_cycle >= strata * min_count "
                          f"= {h * min_count}, got {per_cycle} and {min_count}")
-    sampled = np.ones(h, dtype=bool)
+    sampled = np.ones(h, dtype=bool)  # gets >= min_count per cycle
+    neyman = np.ones(h, dtype=bool)  # shares the rest by variance and cost
     if tail_from is not None:
         if tail_from not in e:
             raise ValueError(f"tail_from: {tail_from} must be one of the edges {e.tolist()}")
+        body = e[:-1] < tail_from
+        if tail != "sample":
+            neyman = body
         if tail == "zero":
-            sampled = e[:-1] < tail_from
+            sampled = body
     var = stats.variances_by_stratum()  # (n, H), nan where fewer than 2 samples
-    if np.any(np.isnan(var[:, sampled])):
-        raise ValueError("stats: every sampled stratum needs >= 2 pilot samples per point")
+    if np.any(np.isnan(var[:, neyman])):
+        raise ValueError("stats: every stratum allocated by variance needs >= 2 pilot samples per point")
+    var = np.where(np.isnan(var), 0.0, var)
     w = np.diff(e).astype(np.float64)
     floor = np.where(sampled, min_count, 0)
     if pooled:
-        score = np.where(sampled, w * np.sqrt(var.mean(axis=0)) / np.sqrt(c), 0.0)
+        score = np.where(neyman, w * np.sqrt(var.mean(axis=0)) / np.sqrt(c), 0.0)
         counts = _round_to_total(score, per_cycle, floor)
     else:
-        score = np.where(sampled, w * np.sqrt(var) / np.sqrt(c), 0.0)
+        score = np.where(neyman, w * np.sqrt(var) / np.sqrt(c), 0.0)
         counts = np.stack([_round_to_total(row, per_cycle, floor) for row in score])
     return StrataPlan(e, counts, stats.n)
 
@@ -541,8 +553,8 @@ class StrataStats:
             a point), ``counts`` (marginals per point), ``variances = stderr^2 * counts``. Merge the
             :class:`StrataStats`, not the results.
         """
-        if tail not in TAIL_TREATMENTS:
-            raise ValueError(f"tail: must be one of {list(TAIL_TREATMENTS)}, got {tail!r}")
+        if tail not in ("sample", "zero"):
+            raise ValueError(f"tail: must be 'sample' or 'zero', got {tail!r}")
         mask = np.ones(self.edges.size - 1, dtype=bool)
         info: dict[str, Any] = {"estimator": "stratified", "strata": int(mask.size), "samples": self.samples,
                                 "tail": tail, "tail_from": tail_from}
