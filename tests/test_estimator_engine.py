@@ -91,3 +91,15 @@ def test_per_test_values_report_their_stability_and_trace(ray_local, estimator):
     trace = res.info["stability_trace"]
     assert trace and all(len(t) == 3 for t in trace) and trace[-1][1] == 200 and res.info["cpu_seconds"] > 0
     assert [t[0] for t in trace] == sorted(t[0] for t in trace)  # CPU seconds accumulate
+
+
+@pytest.mark.parametrize("tail", ["zero", "thin"])
+def test_stratified_truncated_tail_is_explicit(ray_local, tail):
+    """zero: the sizes from the truncation point on are never sampled; thin: sampled only to measure the bias,
+    which is reported; both say where the tail starts."""
+    (k, kt, y, yt), _ = _problem(n=10, m=12)
+    res = freeshap_ray.shapley(k, kt, y, yt, utility="margin", estimator="stratified", stratified_tail=tail,
+                               n_permutations=200, truncation_tol=0.2, seed=1, **{**KW, "permutations_per_task": 20})
+    assert res.info["tail"] == "zero" and 1 <= res.info["tail_from"] <= 10
+    if tail == "thin":
+        assert np.isfinite(res.info["tail_bias_mean_abs"]) and np.isfinite(res.info["tail_bias_max_bound"])

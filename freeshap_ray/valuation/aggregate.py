@@ -151,6 +151,8 @@ def aggregate(sink: MarginalsSink, n: int, m: int, est: Estimator, ctx: Context,
         "stability_spearman": _spearman(halves[0].values, halves[1].values),
         "seed_spearman": others,
         "duplicate_rows_ignored": int(len(rows) - sum(len(v) for v in by_seed.values())),
+        # what the estimator says of its values (strata, tail, the measured truncation bias, ...)
+        **{k: v for k, v in overall.info.items() if isinstance(v, (int, float, str)) or v is None},
     }
     if per_test_rho is not None:
         info["per_test_stability_spearman"] = per_test_rho
