@@ -181,6 +181,12 @@ class StratifiedEstimator(Estimator):
 
     def context(self, problem: RegressionProblem, v_full: float, stored: list | None = None,
                 run: dict[str, Any] | None = None) -> Context:
+        if not isinstance(problem, RegressionProblem):
+            from ..errors import ConfigError
+
+            raise ConfigError("shapley.estimator: 'stratified' branches points onto prefixes of the dual (kernel) "
+                              "regression; with projected features use shapley.solver: dual (small n), or estimator "
+                              "tmc / cv with the primal solver")
         n = problem.n
         tail_from = run.get("tail_from") if run else None
         if run and run.get("plans"):
