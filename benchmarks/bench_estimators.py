@@ -6,8 +6,10 @@ training set under every utility, on Ray (2 task slots of 1 CPU, 1 BLAS thread e
 Spearman reaches ``--target`` or it has used ``--seconds`` of wall time. Printed per (utility, estimator):
 
 * ``rho``: split-half Spearman when it stopped; ``samples``;
-* ``cpu@target``: CPU seconds of the sampling tasks when the split-half Spearman first reached the target
-  (``>budget`` if it never did) and ``ratio``: TMC's cpu@target ÷ this one's (> 1: fewer CPU seconds than TMC);
+* ``cpu@target``: CPU seconds of the sampling tasks when the split-half Spearman first reached the target;
+  ``~`` marks an extrapolation (Spearman–Brown prophecy from the last stability point) where the budget ended
+  first. ``ratio``: TMC's cpu@target ÷ this one's (> 1: fewer CPU seconds than TMC; ``~`` if either side is
+  extrapolated); ``cpu``: CPU seconds used in all;
 * ``AUC``/``recall@20%``: detection of the flipped labels by ranking the values ascending;
 * with ``--reference-seconds``: Spearman and max |z| against a long-run reference of the same semivalue
   (Shapley: untruncated permutations; Banzhaf: MSR), the check of each estimator's bias.
@@ -37,11 +39,20 @@ ESTIMATORS = ("tmc", "cv", "stratified", "msr_banzhaf")
 UTILITIES = ("accuracy", "neg_ce", "margin")
 
 
-def _first_reach(trace: list, target: float) -> float:
+def _first_reach(trace: list, target: float) -> tuple[float, bool]:
+    """CPU seconds at which the split-half Spearman first reached ``target``, and whether that was measured.
+
+    When it never did, the Spearman–Brown prophecy from the last point (reliability ρ after c CPU seconds;
+    k times the samples give kρ / (1 + (k − 1)ρ)) extrapolates: c · target(1 − ρ) / (ρ(1 − target)).
+    """
     for cpu, _, rho in trace:
         if rho == rho and rho >= target:
-            return float(cpu)
-    return math.inf
+            return float(cpu), True
+    done = [(c, r) for c, _, r in trace if r == r and r > 0]
+    if not done:
+        return math.inf, False
+    cpu, rho = done[-1]
+    return float(cpu) * target * (1 - rho) / (rho * (1 - target)), False
 
 
 def build_run(args):
@@ -68,6 +79,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run directory (default outputs/bench_estimators_N)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
     ap.add_argument("--seconds", type=float, default=120.0, help="wall-time budget per estimator and utility")
+    ap.add_argument("--tmc-seconds", type=float, default=None, help="wall-time budget of tmc (default --seconds)")
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--estimators", default=",".join(ESTIMATORS))
     ap.add_argument("--utilities", default=",".join(UTILITIES))
@@ -119,21 +131,23 @@ def main() -> None:
                 refs[(util, semi)] = run_valuation(problem, st, MemorySink(), progress=False)
                 print(f"reference {util} {semi}: {refs[(util, semi)].info['n_samples']} samples")
     print(f"\n{'utility':9s} {'estimator':12s} {'rho':>6s} {'samples':>8s} {'cpu@' + str(args.target):>9s} {'ratio':>6s} "
-          f"{'AUC':>6s} {'rec@20%':>7s}" + ("  vs-ref-rho max|z|" if refs else ""))
+          f"{'cpu':>7s} {'AUC':>6s} {'rec@20%':>7s}" + ("  vs-ref-rho max|z|" if refs else ""))
     for util in args.utilities.split(","):
-        tmc_cpu = None
+        tmc_cpu, tmc_measured = None, False
         for est in args.estimators.split(","):
-            st = ValuationSettings.of(dataclasses.replace(base, estimator=est), util)
+            budget = args.tmc_seconds if est == "tmc" and args.tmc_seconds else args.seconds
+            st = ValuationSettings.of(dataclasses.replace(base, estimator=est, max_seconds=budget), util)
             run = run_valuation(problem, st, MemorySink(), progress=False)
             info = run.info
-            cpu = _first_reach(info["stability_trace"], args.target)
+            cpu, measured = _first_reach(info["stability_trace"], args.target)
             if est == "tmc":
-                tmc_cpu = cpu
-            ratio = tmc_cpu / cpu if tmc_cpu is not None and math.isfinite(cpu) and math.isfinite(tmc_cpu) else float("nan")
+                tmc_cpu, tmc_measured = cpu, measured
+            ratio = tmc_cpu / cpu if tmc_cpu is not None else float("nan")
+            mark = "" if measured and (tmc_cpu is None or tmc_measured) else "~"
             auc, rec = detect(run.values.values)
             line = (f"{util:9s} {est:12s} {info['stability_spearman']:6.3f} {info['n_samples']:8d} "
-                    f"{(f'{cpu:9.1f}' if math.isfinite(cpu) else '>' + format(info['cpu_seconds'], '.0f')):>9s} "
-                    f"{ratio:6.2f} {auc:6.3f} {rec:7.3f}")
+                    f"{('' if measured else '~') + format(cpu, '.1f'):>9s} {mark + format(ratio, '.2f'):>6s} "
+                    f"{info['cpu_seconds']:7.0f} {auc:6.3f} {rec:7.3f}")
             ref = refs.get((util, "banzhaf" if est == "msr_banzhaf" else "shapley"))
             if ref is not None:
                 se = np.sqrt(run.values.stderr ** 2 + ref.values.stderr ** 2)

@@ -19,8 +19,8 @@ def shapley(
     y_train: np.ndarray,
     y_test: np.ndarray,
     *,
-    utility: UtilitySpec | Literal["accuracy", "neg_ce", "margin"] = "accuracy",
-    n_permutations: int = 200,
+    utility: UtilitySpec | Literal["accuracy", "neg_ce", "margin"] = "neg_ce",
+    n_permutations: int = 100_000,
     truncation_tol: float = 0.05,
     truncation_patience: int = 2,
     lam: float = 1e-6,
@@ -31,8 +31,8 @@ def shapley(
     permutations_per_task: int = 8,
     progress: bool = False,
     sampler: Literal["tmc", "permutation", "antithetic"] = "tmc",
-    max_seconds: float | None = None,
-    convergence: Literal["none", "stderr", "rank"] = "none",
+    max_seconds: float | None = 1800.0,
+    convergence: Literal["none", "stderr", "rank", "spearman"] = "spearman",
     convergence_tol: float = 0.05,
     convergence_top_k: int = 10,
     convergence_patience: int = 3,
@@ -41,7 +41,7 @@ def shapley(
     resume: bool = True,
     sign_splits: int = 100,
     num_cpus_per_task: float = 1.0,
-    estimator: Literal["tmc", "cv", "stratified", "msr_banzhaf"] = "tmc",
+    estimator: Literal["tmc", "cv", "stratified", "msr_banzhaf"] = "stratified",
     convergence_target: float = 0.9,
     stratified_tail: Literal["sample", "thin", "zero"] = "sample",
 ) -> ValuesResult:
@@ -54,7 +54,9 @@ def shapley(
         utility: ``accuracy``, ``neg_ce``, ``margin`` or a callable ``(pred (m, C), y (m,)) -> float | (m,)``.
         estimator: ``tmc``, ``cv``, ``stratified`` or ``msr_banzhaf`` (Banzhaf values); see the ``shapley``
             config section (:class:`freeshap_ray.config.ShapleyConfig`) for these and the other keywords.
-        n_permutations: permutation budget (for ``antithetic`` rounded up to whole pairs).
+        n_permutations: sample budget (a cap: by default the run stops once the values of two independent
+            halves of the samples agree to Spearman 0.9, or after 30 minutes; for ``antithetic`` rounded up to
+            whole pairs).
         truncation_tol: TMC tolerance relative to v(N); 0 disables truncation.
         lam, kernel_divisor: ridge and kernel scaling, F = (K/div) ((K/div) + lam I)^-1 Y.
         seed: permutation k is ``default_rng([seed, k]).permutation(n)``.

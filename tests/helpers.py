@@ -58,6 +58,7 @@ def write_csv(path, texts=TEXTS, labels=LABELS) -> str:
 
 
 # `--set` overrides of a tiny end-to-end job (tiny random Llama, 9 texts); tests add data.train/output.
+# TMC with a fixed permutation count (no early stop) so counts and resumes are exact; defaults get their own test.
 TINY_JOB = (
     "model.path=tiny:llama",
     "model.template={text} sentiment :",
@@ -70,6 +71,9 @@ TINY_JOB = (
     "kernel.block_size=3",
     "kernel.num_actors=1",
     "kernel.num_cpus_per_actor=0.5",
+    "shapley.estimator=tmc",
+    "shapley.utility=accuracy",
+    "shapley.convergence=none",
     "shapley.n_permutations=12",
     "shapley.permutations_per_task=4",
     "shapley.num_cpus_per_task=0.5",
@@ -141,7 +145,9 @@ def run_kernel_job(job, layout, **kw) -> dict:
 
 def run_resumable(problem, store, *, utility="accuracy", progress=False, on_batch=None, discard_mismatched=False,
                   **shapley_keys):
-    """The valuation engine on ``problem`` streaming to ``store``, with ``shapley.*`` keys as keywords."""
+    """The valuation engine on ``problem`` streaming to ``store``, with ``shapley.*`` keys as keywords (TMC with
+    no early stop unless given: the tests count samples exactly)."""
+    shapley_keys = {"estimator": "tmc", "convergence": "none", "max_seconds": None, **shapley_keys}
     from freeshap_ray.distributed.shapley_job import run_valuation
     from freeshap_ray.valuation.settings import ValuationSettings
 

@@ -11,7 +11,7 @@ import pytest
 from freeshap_ray import load_kernel
 from freeshap_ray.cli import main
 
-from .helpers import TEXTS, job_args, write_csv
+from .helpers import TEXTS, TINY_JOB, job_args, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,19 @@ def test_run_writes_everything(tiny_run):
     assert {"kernel", "shapley"} <= set(manifest["stages"]) and "torch" in manifest["versions"]
     assert manifest["config"]["model"]["path"] == "tiny:llama"
     assert not list(out.rglob(".*.tmp-*")), "temp files left behind"
+
+
+def test_run_with_the_default_estimator_stops_on_stability(tiny_run, tmp_path):
+    """No estimator keys: the defaults (stratified on neg_ce, stop at split-half Spearman 0.9) end to end."""
+    csv, _ = tiny_run
+    base = [s for s in TINY_JOB if not s.startswith(("shapley.estimator", "shapley.utility", "shapley.convergence",
+                                                     "shapley.n_permutations"))]
+    out = tmp_path / "defaults"
+    assert main(["run", *job_args(csv, out, "shapley.max_seconds=300", base=base)]) == 0
+    info = json.loads((out / "manifest.json").read_text())["stages"]["shapley"]
+    assert info["estimator"] == "stratified" and info["utility"] == "neg_ce"
+    assert info["stop_reason"].startswith("converged: split-half Spearman"), info["stop_reason"]
+    assert pq.read_table(out / "values.parquet").num_rows == len(pq.read_table(out / "train.parquet"))
 
 
 def test_values_schema_and_readers(tiny_run, ray_local):

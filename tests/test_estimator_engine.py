@@ -14,7 +14,7 @@ from freeshap_ray.valuation import exact_banzhaf, exact_shapley
 from .helpers import run_resumable
 from .test_shapley_resume import Interrupt, interrupt_after, kernels
 
-KW = dict(lam=0.5, kernel_divisor=1.0, num_cpus_per_task=0.5, permutations_per_task=25)
+KW = dict(lam=0.5, kernel_divisor=1.0, num_cpus_per_task=0.5, permutations_per_task=25, convergence="none")
 
 
 def _problem(n=7, m=15):
@@ -74,8 +74,8 @@ def test_stratified_records_its_plans_and_a_mismatched_estimator_is_refused(ray_
 def test_spearman_rule_stops_once_halves_agree(ray_local):
     (k, kt, y, yt), _ = _problem(n=10, m=20)
     res = freeshap_ray.shapley(k, kt, y, yt, utility="neg_ce", n_permutations=20000, truncation_tol=0.0, seed=2,
-                               convergence="spearman", convergence_target=0.9, min_permutations=10,
-                               **{**KW, "permutations_per_task": 20})
+                               estimator="tmc", convergence_target=0.9, min_permutations=10,
+                               **{**KW, "permutations_per_task": 20, "convergence": "spearman"})
     assert res.info["stop_reason"].startswith("converged: split-half Spearman")
     assert res.info["n_permutations"] < 20000 and res.info["convergence_metric"] >= 0.9
 
@@ -103,3 +103,38 @@ def test_stratified_truncated_tail_is_explicit(ray_local, tail):
     assert res.info["tail"] == "zero" and 1 <= res.info["tail_from"] <= 10
     if tail == "thin":
         assert np.isfinite(res.info["tail_bias_mean_abs"]) and np.isfinite(res.info["tail_bias_max_bound"])
+
+
+def test_stratified_on_features_matches_exact_enumeration(ray_local, tmp_path):
+    """The feature-space (primal QR) problem runs the stratified estimator through the engine (pilot, optimum
+    allocation from the primal cost model, walk with branch/leave-one-out updates) and lands within 3 stderr
+    of exact Shapley of the equivalent kernel problem."""
+    from freeshap_ray.utility import FeatureProblem
+
+    rng = np.random.default_rng(11)
+    n, m, d = 7, 15, 5
+    x, xt = rng.normal(size=(n, d)), rng.normal(size=(m, d))
+    w = rng.normal(size=d)
+    y = (x @ w + 0.8 * rng.normal(size=n) > 0).astype(int)
+    yt = (xt @ w > 0).astype(int)
+    fp = FeatureProblem.from_features(x, xt, y, yt, n_classes=2, lam=0.5, kernel_divisor=1.0)
+    exact = exact_shapley(fp.to_dual(), "neg_ce")
+    assert np.abs(exact).max() > 1e-3, "degenerate test problem"
+    res = run_resumable(fp, MarginalsStore(tmp_path / "f"), utility="neg_ce", estimator="stratified",
+                        n_permutations=600, seed=3, truncation_tol=0.0, permutations_per_task=25,
+                        num_cpus_per_task=0.5)
+    assert res.info["estimator"] == "stratified" and res.info["n_permutations"] == 600
+    z = np.abs(res.values.values - exact) / res.values.stderr
+    assert np.all(np.isfinite(res.values.stderr)) and z.max() < 3.0, (res.values.values, exact)
+
+
+def test_defaults_stop_on_split_half_spearman(ray_local):
+    """The public defaults (stratified on neg_ce, stop at split-half Spearman 0.9) stop early and say why."""
+    (k, kt, y, yt), prob = _problem(n=10, m=20)
+    res = freeshap_ray.shapley(k, kt, y, yt, lam=0.5, kernel_divisor=1.0, num_cpus_per_task=0.5)
+    assert res.info["estimator"] == "stratified" and res.info["utility"] == "neg_ce"
+    assert res.info["stop_reason"].startswith("converged: split-half Spearman"), res.info["stop_reason"]
+    assert res.info["n_permutations"] < 100_000 and res.info["convergence_metric"] >= 0.9
+    exact = exact_shapley(prob, "neg_ce")
+    z = np.abs(res.values - exact) / res.stderr
+    assert z.max() < 4.0, (res.values, exact, res.stderr)

@@ -185,7 +185,8 @@ def test_killed_driver_resumes_with_the_same_command(ray_local, tmp_path, capsys
                   "params": "all"},
         "kernel": {"block_size": 1, "num_actors": 1, "num_cpus_per_actor": 0.5},
         "shapley": {"n_permutations": N_PERMUTATIONS, "permutations_per_task": 4, "num_cpus_per_task": 0.5,
-                    "utility": "neg_ce", "seed": 1, "lam": 1e-3, "sign_splits": 10},
+                    "utility": "neg_ce", "seed": 1, "lam": 1e-3, "sign_splits": 10,
+                    "estimator": "tmc", "convergence": "none"},
         "ray": {"num_cpus": 2},
         "output": str(out),
     }))

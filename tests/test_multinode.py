@@ -49,7 +49,7 @@ def job_config(csvs, out: Path, *, multinode: bool = True):
                    "max_restarts": 2, "placement": "SPREAD" if multinode else "PACK",
                    "resources_per_actor": {"gpu_like": 1} if multinode else {}},
         "shapley": {"n_permutations": 24, "permutations_per_task": 2, "num_cpus_per_task": 1, "utility": "neg_ce",
-                    "seed": 3, "lam": 1e-3, "sign_splits": 10, "placement": "SPREAD" if multinode else "DEFAULT",
+                    "seed": 3, "lam": 1e-3, "sign_splits": 10, "estimator": "tmc", "convergence": "none", "placement": "SPREAD" if multinode else "DEFAULT",
                     "resources_per_task": {"gpu_like": 1} if multinode else {}},
         "output": str(out),
     })

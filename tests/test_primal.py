@@ -394,3 +394,61 @@ def test_row_blocking_does_not_change_results(monkeypatch):
     np.testing.assert_allclose(sur.loo_test_predictions(np.arange(40)), ref.loo_test_predictions(np.arange(40)),
                                rtol=0, atol=atol)
     np.testing.assert_array_equal(sur.tracin_values(), ref.tracin_values())
+
+
+# ---- branch / leave-one-out requests (stratified sampling on features) --------------------------------------
+
+
+def _leverage_bound(fp: FeatureProblem) -> float:
+    """``max ‖(I - H_jj)⁻¹‖`` over points and prefixes: ``1 - leverage >= λ / (λ_max(Φ̃ᵀΦ̃) + λ)``."""
+    top = max(float(np.linalg.eigvalsh(fp.gram())[-1]), 0.0)
+    return (top + fp.lam) / fp.lam
+
+
+@pytest.mark.parametrize("kind,c", KINDS)
+def test_branch_and_loo_updates_equal_direct_solves(kind, c):
+    """``F(S + j) - F(S)`` and ``F(S) - F(S - j)`` from the QR form equal direct float64 solves; a removal is
+    a downdate, amplified by ``κ = max ‖(I - H_jj)⁻¹‖`` (bounded by the conditioning, asserted small)."""
+    ptr, pte, ytr, yte = make_features(kind, 24, 9, c, 10, seed=21)
+    fp = FeatureProblem.from_features(ptr, pte, ytr, yte, n_classes=c, lam=1.0, kernel_divisor=1e2)
+    dp = fp.to_dual()
+    perm = np.random.default_rng(4).permutation(24)
+    reg = PrimalRegressor(fp)
+    reg.extend(perm[:11])
+    base = dp.predict(perm[:11])
+    scale = max(1.0, max(np.abs(dp.predict(np.append(perm[:11], j))).max() for j in perm[11:]))
+    tol = pair_tol(fp, dp) * scale
+    out, inside = perm[11:17], perm[3:9]
+    want = np.stack([dp.predict(np.append(perm[:11], j)) - base for j in out])
+    np.testing.assert_allclose(reg.branch_updates(out), want, rtol=0, atol=2 * tol)
+    kappa = _leverage_bound(fp)
+    loo_tol = 2 * kappa * tol
+    assert loo_tol < 1e-3
+    want = np.stack([base - dp.predict(perm[:11][perm[:11] != j]) for j in inside])
+    np.testing.assert_allclose(reg.loo_updates(inside), want, rtol=0, atol=loo_tol)
+    assert reg.size == 11 and np.array_equal(reg.order, perm[:11])  # nothing was added or removed
+    with pytest.raises(ValueError, match="is in the prefix"):
+        reg.branch_updates(inside[:1])
+    with pytest.raises(ValueError, match="is not in the prefix"):
+        reg.loo_updates(out[:1])
+
+
+@pytest.mark.parametrize("kind,c", KINDS)
+def test_stratified_records_equal_on_features_and_kernel(kind, c):
+    """A stratified sample on features (the QR walk stops at every requested size) records the same sizes,
+    walk and, within the bounds, the same marginals as on the kernel (continuous utilities: 2-Lipschitz)."""
+    from freeshap_ray.valuation.stratified import geometric_edges, stratified_sample, uniform_plan
+
+    n = 30
+    ptr, pte, ytr, yte = make_features(kind, n, 8, c, 12, seed=6)
+    fp = FeatureProblem.from_features(ptr, pte, ytr, yte, n_classes=c, lam=1.0, kernel_divisor=1e2)
+    dp = fp.to_dual()
+    scale = max(1.0, float(np.abs(dp.predict()).max()), max(np.abs(dp.predict([i])).max() for i in range(n)))
+    u_tol = 4 * 2 * _leverage_bound(fp) * pair_tol(fp, dp) * scale
+    assert u_tol < 1e-3
+    plan = uniform_plan(n, geometric_edges(n))
+    for utility in ("neg_ce", "margin"):
+        for k in range(2 * len(plan.cycle)):
+            a, b = stratified_sample(fp, plan, 0, k, utility), stratified_sample(dp, plan, 0, k, utility)
+            assert np.array_equal(a.sizes, b.sizes) and a.walked == b.walked
+            np.testing.assert_allclose(a.marginals, b.marginals, rtol=0, atol=u_tol, err_msg=f"{utility} {k}")

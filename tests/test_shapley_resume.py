@@ -131,7 +131,7 @@ def test_mismatched_settings_are_refused(ray_local, tmp_path):
 def test_zero_tolerance_equals_untruncated_sampler(ray_local):
     k, kt, y, yt = kernels()
     kw = dict(lam=0.3, kernel_divisor=1.0, utility="accuracy", n_permutations=16, seed=4, permutations_per_task=4,
-              num_cpus_per_task=0.5)
+              num_cpus_per_task=0.5, estimator="tmc", convergence="none")
     off = freeshap_ray.shapley(k, kt, y, yt, truncation_tol=0.0, **kw)
     plain = freeshap_ray.shapley(k, kt, y, yt, truncation_tol=0.5, sampler="permutation", **kw)
     on = freeshap_ray.shapley(k, kt, y, yt, truncation_tol=0.5, **kw)
@@ -143,7 +143,7 @@ def test_zero_tolerance_equals_untruncated_sampler(ray_local):
 def test_convergence_and_time_budget_stop_early(ray_local, tmp_path):
     k, kt, y, yt = kernels()
     kw = dict(lam=0.3, kernel_divisor=1.0, utility="neg_ce", truncation_tol=0.0, permutations_per_task=4,
-              num_cpus_per_task=0.5)
+              num_cpus_per_task=0.5, estimator="tmc")
     res = freeshap_ray.shapley(k, kt, y, yt, n_permutations=5000, convergence="stderr", convergence_tol=0.2,
                                min_permutations=8, seed=3, **kw)
     assert res.info["stop_reason"].startswith("converged")
@@ -151,14 +151,15 @@ def test_convergence_and_time_budget_stop_early(ray_local, tmp_path):
     assert np.max(res.stderr) <= 0.2 * (res.values.max() - res.values.min())
     # efficiency holds for the values of any set of untruncated permutations
     assert res.values.sum() == pytest.approx(res.info["v_full"] - res.info["v_empty"], abs=1e-9)
-    timed = freeshap_ray.shapley(k, kt, y, yt, n_permutations=10**6, max_seconds=3.0, seed=3, **kw)
+    timed = freeshap_ray.shapley(k, kt, y, yt, n_permutations=10**6, max_seconds=3.0, seed=3, convergence="none", **kw)
     assert timed.info["stop_reason"].startswith("time budget")
     assert 0 < timed.info["n_permutations"] < 10**6
 
 
 def test_api_checkpoint_dir_and_sign_agreement(ray_local, tmp_path):
     k, kt, y, yt = kernels(n=6, m=16)
-    kw = dict(lam=0.5, kernel_divisor=1.0, utility="accuracy", truncation_tol=0.0, seed=2, permutations_per_task=50)
+    kw = dict(lam=0.5, kernel_divisor=1.0, utility="accuracy", truncation_tol=0.0, seed=2, permutations_per_task=50,
+              estimator="tmc", convergence="none")
     exact = exact_shapley(RegressionProblem.from_kernels(k, kt, y, yt, lam=0.5, kernel_divisor=1.0), "accuracy")
     assert np.abs(exact).max() > 1e-3
     prob = RegressionProblem.from_kernels(k, kt, y, yt, lam=0.5, kernel_divisor=1.0)
@@ -200,7 +201,7 @@ def write_fake_kernel_stage(out, n=9, m=7, seed=0):
 
 def stage_cfg(out, **shapley):
     base = {"n_permutations": 24, "permutations_per_task": 4, "num_cpus_per_task": 0.5, "lam": 0.3,
-            "utility": "neg_ce", "seed": 7}
+            "utility": "neg_ce", "seed": 7, "estimator": "tmc", "convergence": "none"}
     return config_from_dict({"output": str(out), "shapley": {**base, **shapley}})
 
 

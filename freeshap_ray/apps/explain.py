@@ -402,7 +402,7 @@ class Explainer:
         shapley = ShapleyConfig(n_permutations=config.n_permutations, truncation_tol=config.truncation_tol,
                                 truncation_patience=config.truncation_patience, seed=config.seed,
                                 sampler=config.sampler, permutations_per_task=config.permutations_per_task,
-                                resume=False)
+                                resume=False, estimator="tmc", convergence="none", max_seconds=None)
         return ValuationSettings.of(shapley, EXPLAIN_UTILITIES[config.utility])
 
     def _values(self, problem: RegressionProblem, settings: ValuationSettings) -> Estimate:

@@ -91,6 +91,35 @@ class PrefixRegressor:
     def extend(self, points: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _apply_blocks(self, left: np.ndarray, mid: np.ndarray, right: np.ndarray, pts: np.ndarray) -> np.ndarray:
+        """``left_j mid_j^-1 right_j`` per point: ``left (M, b*g)``, ``mid (b, g, g)`` SPD, ``right (b*g, r)``.
+
+        Returns ``(b, M, r)``; KernelError if a ``mid_j`` is not positive definite.
+        """
+        b, g = mid.shape[0], mid.shape[1]
+        if g == 1:
+            d = mid[:, 0, 0]
+            if not np.all(np.isfinite(d) & (d > 0)):
+                bad = int(np.flatnonzero(~(np.isfinite(d) & (d > 0)))[0])
+                self._not_pd(int(pts[bad]), float(d[bad]))
+            return left.T[:, :, None] * (right / d[:, None])[:, None, :]
+        try:
+            chol = np.linalg.cholesky(mid)
+        except np.linalg.LinAlgError:
+            for j in range(b):
+                t, pivot = _first_bad_pivot(mid[j])
+                if t >= 0:
+                    self._not_pd(int(pts[j]), pivot)
+            raise  # pragma: no cover - some block failed above
+        rhs = right.reshape(b, g, -1)
+        sol = np.linalg.solve(np.swapaxes(chol, 1, 2), np.linalg.solve(chol, rhs))  # (b, g, r)
+        return np.einsum("mbi,bir->bmr", left.reshape(left.shape[0], b, g), sol)
+
+    def _not_pd(self, point: int, pivot: float) -> None:
+        raise KernelError(f"kernel is not positive semi-definite: training point {point} next to a prefix "
+                          f"gives Schur-complement pivot {pivot:.6g} <= 0 for K/kernel_divisor + lam I "
+                          f"(lam={self.problem.lam:g}); check the kernel or increase lam")
+
 
 class IncrementalRegressor(PrefixRegressor):
     """Grows the Cholesky factor ``L`` of ``Ks[S, S] + lam I`` one point (or block) at a time.
@@ -237,35 +266,6 @@ class IncrementalRegressor(PrefixRegressor):
         x = trsm_lower_inplace(self._L, r1, np.asfortranarray(rhs))
         x[np.arange(r1)[:, None] >= rowlim[None, :]] = 0.0
         return x
-
-    def _apply_blocks(self, left: np.ndarray, mid: np.ndarray, right: np.ndarray, pts: np.ndarray) -> np.ndarray:
-        """``left_j mid_j^-1 right_j`` per point: ``left (M, b*g)``, ``mid (b, g, g)`` SPD, ``right (b*g, r)``.
-
-        Returns ``(b, M, r)``; KernelError if a ``mid_j`` is not positive definite.
-        """
-        b, g = mid.shape[0], mid.shape[1]
-        if g == 1:
-            d = mid[:, 0, 0]
-            if not np.all(np.isfinite(d) & (d > 0)):
-                bad = int(np.flatnonzero(~(np.isfinite(d) & (d > 0)))[0])
-                self._not_pd(int(pts[bad]), float(d[bad]))
-            return left.T[:, :, None] * (right / d[:, None])[:, None, :]
-        try:
-            chol = np.linalg.cholesky(mid)
-        except np.linalg.LinAlgError:
-            for j in range(b):
-                t, pivot = _first_bad_pivot(mid[j])
-                if t >= 0:
-                    self._not_pd(int(pts[j]), pivot)
-            raise  # pragma: no cover - some block failed above
-        rhs = right.reshape(b, g, -1)
-        sol = np.linalg.solve(np.swapaxes(chol, 1, 2), np.linalg.solve(chol, rhs))  # (b, g, r)
-        return np.einsum("mbi,bir->bmr", left.reshape(left.shape[0], b, g), sol)
-
-    def _not_pd(self, point: int, pivot: float) -> None:
-        raise KernelError(f"kernel is not positive semi-definite: training point {point} next to a prefix "
-                          f"gives Schur-complement pivot {pivot:.6g} <= 0 for K/kernel_divisor + lam I "
-                          f"(lam={self.problem.lam:g}); check the kernel or increase lam")
 
     def branch_updates(self, points: np.ndarray, sizes: np.ndarray, max_cols: int = 256) -> np.ndarray:
         """Prediction changes from adding each point to a prefix of the current order (nothing is added).

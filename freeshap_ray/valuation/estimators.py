@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utility.features import FeatureProblem
 from ..utility.problem import RegressionProblem
 from ..values import ValuesResult
 from .banzhaf import BanzhafStats, MSRSample, msr_sample
@@ -32,7 +33,7 @@ from .control_variate import CVStats, control_mean, sample_controls
 from .samplers import sampler_permutation, samples_from_marginals
 from .settings import ValuationSettings
 from .stratified import StrataPlan, StrataStats, StratifiedSample, allocate, geometric_edges, marginal_cost, \
-    stratified_sample, uniform_plan
+    marginal_cost_primal, stratified_sample, uniform_plan
 from .tmc import PermutationResult, run_permutation
 
 __all__ = ["ESTIMATORS", "Estimator", "Context", "estimator_for"]
@@ -181,12 +182,6 @@ class StratifiedEstimator(Estimator):
 
     def context(self, problem: RegressionProblem, v_full: float, stored: list | None = None,
                 run: dict[str, Any] | None = None) -> Context:
-        if not isinstance(problem, RegressionProblem):
-            from ..errors import ConfigError
-
-            raise ConfigError("shapley.estimator: 'stratified' branches points onto prefixes of the dual (kernel) "
-                              "regression; with projected features use shapley.solver: dual (small n), or estimator "
-                              "tmc / cv with the primal solver")
         n = problem.n
         tail_from = run.get("tail_from") if run else None
         if run and run.get("plans"):
@@ -217,7 +212,10 @@ class StratifiedEstimator(Estimator):
     def allocated(self, ctx: Context, pilot: Stats, problem: RegressionProblem) -> Context:
         """``ctx`` with the allocation fitted to the pilot statistics (plan from the end of the pilot on)."""
         plan = ctx.plans[0][1]
-        cost = marginal_cost(plan.edges, problem.n, problem.m, problem.group)
+        if isinstance(problem, FeatureProblem):
+            cost = marginal_cost_primal(plan.edges, problem.n, problem.m, problem.dim, problem.group)
+        else:
+            cost = marginal_cost(plan.edges, problem.n, problem.m, problem.group)
         per_cycle = max(CYCLE, 2 * plan.strata)
         new = allocate(pilot.inner, cost, per_cycle=per_cycle, pooled=True, tail_from=ctx.tail_from, tail=self._tail)
         return Context(ctx.v_full, ((0, plan), (self.pilot_size(ctx), new)), ctx.tail_from)

@@ -29,8 +29,10 @@ width ``w_h``; with ``mu_{i,h}`` the mean of ``mu_{i,s}`` over the sizes of stra
    branched onto it; ``pos_j < t_j``: ``S_j + j = pi[:t+1]`` and ``j`` is removed from it.
 
 All taking-part points share the sample's stratum, so a sample in a small stratum walks a short prefix:
-its cost is ``~hi_h^3/3`` for the walk plus ``~t^2 + 2 m t`` per point (dual solver; a primal solver on
-``D`` features would pay ``O(D^2 + m D)`` per point instead, independent of ``t``).
+its cost is ``~hi_h^3/3`` for the walk plus ``~t^2 + 2 m t`` per point (dual solver). On ``D`` features
+(:class:`~freeshap_ray.utility.FeatureProblem`, the primal QR solver) the walk costs ``~2 D^2`` per row and
+stops at every size of the stratum, and each point ``O(D^2 + m D)``, independent of ``t``; the records are
+the same up to rounding.
 
 **Record** (one per sample, the unit that is streamed and resumed): ``sample_id``, ``sizes (n,)`` int
 (``-1`` = not taking part) and ``marginals (n,)`` or ``(n, m)`` per test point. The stratum of a record
@@ -65,8 +67,10 @@ from typing import Any
 
 import numpy as np
 
+from ..utility.features import FeatureProblem
 from ..utility.incremental import IncrementalRegressor
 from ..utility.metrics import Utility, UtilitySpec, resolve_utility
+from ..utility.primal import MAX_UPDATE_ROWS, PrimalRegressor
 from ..utility.problem import RegressionProblem
 from ..values import ValuesResult
 from .tmc import DEFAULT_BLOCK_SIZE, empty_utility, permutation_for
@@ -79,6 +83,7 @@ __all__ = [
     "uniform_plan",
     "allocate",
     "marginal_cost",
+    "marginal_cost_primal",
     "stratified_sample",
     "run_stratified",
     "TAIL_TREATMENTS",
@@ -215,6 +220,23 @@ def marginal_cost(edges: np.ndarray, n: int, m: int, group: int = 1, overhead: f
     t = 0.5 * (lo + hi - 1)
     g = float(group)
     return (t * g) ** 2 + 2 * m * g * g * t + (hi * g) ** 3 / (3.0 * n) + overhead
+
+
+def marginal_cost_primal(edges: np.ndarray, n: int, m: int, dim: int, group: int = 1,
+                         overhead: float = 2.0e4) -> np.ndarray:
+    """Model flops of one marginal in each stratum (primal solver on ``dim`` features).
+
+    Per point: the branch solve ``D² g`` and test rows ``2 m g² D``, independent of the size, plus its share of
+    the walk to ``hi`` (a QR row update ``2 D² g`` per row and a stop, ``overhead``, per size of the stratum,
+    over ``n`` points) and a fixed ``overhead``.
+
+    Returns:
+        ``(H,)`` float64.
+    """
+    e = np.asarray(edges, dtype=np.float64)
+    lo, hi = e[:-1], e[1:]
+    d, g = float(dim), float(group)
+    return d * d * g + 2 * m * g * g * d + (2 * hi * g * d * d + (hi - lo) * overhead) / n + overhead
 
 
 def _round_to_total(share: np.ndarray, total: int, floor: np.ndarray) -> np.ndarray:
@@ -356,16 +378,10 @@ def stratified_sample(problem: RegressionProblem, plan: StrataPlan, seed: int, s
     # prefix lengths whose predictions are needed: t (ordinary, branch) and t + 1 (ordinary, loo)
     need = np.unique(np.concatenate([t[ordinary | branch], t[ordinary | loo] + 1]))
     walk = int(need.max(initial=0))
-    reg = IncrementalRegressor(problem)
-    shape = (problem.m, problem.n_classes)
-    saved = np.zeros((need.size,) + shape)
-    slot = {int(k): i for i, k in enumerate(need)}
-    for start in range(0, walk, block_size):
-        preds = reg.extend(perm[start:min(start + block_size, walk)])
-        sizes_here = np.arange(start + 1, start + 1 + preds.shape[0])
-        keep = np.isin(sizes_here, need)
-        for k, p in zip(sizes_here[keep], preds[keep]):
-            saved[slot[int(k)]] = p
+    if isinstance(problem, FeatureProblem):
+        saved, other = _walk_primal(problem, perm, t, branch, loo, need, walk, util, per_test_point)
+    else:
+        saved, other = _walk_dual(problem, perm, t, branch, loo, need, walk, util, per_test_point, block_size)
     prefix_u = util.batch(saved, y, per_test=per_test_point)  # (len(need),) or (len(need), m)
     if need.size and need[0] == 0:
         prefix_u[0] = empty_utility(problem, util, per_test_point)
@@ -376,21 +392,91 @@ def stratified_sample(problem: RegressionProblem, plan: StrataPlan, seed: int, s
     marg = np.zeros((n, problem.m) if per_test_point else n)
     j = np.flatnonzero(ordinary)
     marg[j] = prefix_u[prefix(t[j] + 1)] - prefix_u[prefix(t[j])]
-    for kind in ("branch", "loo"):
-        pts = np.flatnonzero(branch if kind == "branch" else loo)
+    j = np.flatnonzero(branch)
+    marg[j] = other[j] - prefix_u[prefix(t[j])]
+    j = np.flatnonzero(loo)
+    marg[j] = prefix_u[prefix(t[j] + 1)] - other[j]
+    return StratifiedSample(int(sample_id), t, marg, walk)
+
+
+def _walk_dual(problem: RegressionProblem, perm: np.ndarray, t: np.ndarray, branch: np.ndarray, loo: np.ndarray,
+               need: np.ndarray, walk: int, util: Utility, per_test: bool, block_size: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Walk ``perm`` to ``walk`` (incremental Cholesky), then branch/remove points onto leading blocks.
+
+    Returns ``saved (len(need), m, C)``: predictions of the prefixes of sizes ``need``, and ``other``:
+    ``(n,)`` / ``(n, m)`` utility of ``S_j + j`` for branched points, of ``S_j`` for removed ones (0 elsewhere).
+    """
+    reg = IncrementalRegressor(problem)
+    saved = np.zeros((need.size, problem.m, problem.n_classes))
+    slot = {int(k): i for i, k in enumerate(need)}
+    for start in range(0, walk, block_size):
+        preds = reg.extend(perm[start:min(start + block_size, walk)])
+        sizes_here = np.arange(start + 1, start + 1 + preds.shape[0])
+        keep = np.isin(sizes_here, need)
+        for k, p in zip(sizes_here[keep], preds[keep]):
+            saved[slot[int(k)]] = p
+    y = problem.y_test
+    other = np.zeros((problem.n, problem.m) if per_test else problem.n)
+    for pts, removing in ((np.flatnonzero(branch), False), (np.flatnonzero(loo), True)):
         for c0 in range(0, pts.size, _CHUNK):
             jj = pts[c0:c0 + _CHUNK]
-            if kind == "branch":
-                base = prefix(t[jj])
-                new = saved[base] + reg.branch_updates(jj, t[jj])
-                marg[jj] = util.batch(new, y, per_test=per_test_point) - prefix_u[base]
-            else:
-                top = prefix(t[jj] + 1)
-                rest = saved[top] - reg.loo_updates(jj, t[jj] + 1)
+            if removing:
+                rest = saved[np.searchsorted(need, t[jj] + 1)] - reg.loo_updates(jj, t[jj] + 1)
                 if problem.group == 1:
                     _zero_absent_classes(rest, problem, perm, t[jj] + 1, jj)
-                marg[jj] = prefix_u[top] - util.batch(rest, y, per_test=per_test_point)
-    return StratifiedSample(int(sample_id), t, marg, walk)
+                other[jj] = util.batch(rest, y, per_test=per_test)
+            else:
+                new = saved[np.searchsorted(need, t[jj])] + reg.branch_updates(jj, t[jj])
+                other[jj] = util.batch(new, y, per_test=per_test)
+    return saved, other
+
+
+def _walk_primal(problem: FeatureProblem, perm: np.ndarray, t: np.ndarray, branch: np.ndarray, loo: np.ndarray,
+                 need: np.ndarray, walk: int, util: Utility, per_test: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_walk_dual` on the feature-space (QR) regression: its factor is not nested by prefix, so the walk
+    stops at every size some point is branched onto (``t_j``) or removed from (``t_j + 1``) and does those
+    requests there (``D² g`` each, independent of the size). Same records up to rounding."""
+    reg = PrimalRegressor(problem)
+    saved = np.zeros((need.size, problem.m, problem.n_classes))
+    y = problem.y_test
+    other = np.zeros((problem.n, problem.m) if per_test else problem.n)
+    bpts, lpts = np.flatnonzero(branch), np.flatnonzero(loo)
+    at = np.concatenate([t[bpts], t[lpts] + 1])
+    pts = np.concatenate([bpts, lpts])
+    removing = np.concatenate([np.zeros(bpts.size, bool), np.ones(lpts.size, bool)])
+    order = np.argsort(at, kind="stable")
+    at, pts, removing = at[order], pts[order], removing[order]
+    bounds = np.searchsorted(at, np.append(np.unique(at), walk + 1))
+
+    def advance(to: int) -> None:
+        while reg.size < to:
+            start = reg.size
+            preds = reg.extend(perm[start:min(to, start + MAX_UPDATE_ROWS)])
+            sizes_here = np.arange(start + 1, start + 1 + preds.shape[0])
+            hit = np.searchsorted(need, sizes_here)
+            keep = (hit < need.size) & (need[np.minimum(hit, need.size - 1)] == sizes_here)
+            saved[hit[keep]] = preds[keep]
+
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        size = int(at[a])
+        advance(size)
+        base = saved[np.searchsorted(need, size)]
+        for c0 in range(a, b, _CHUNK):
+            sl = slice(c0, min(c0 + _CHUNK, b))
+            for rem in (False, True):
+                jj = pts[sl][removing[sl] == rem]
+                if jj.size == 0:
+                    continue
+                if rem:
+                    rest = base - reg.loo_updates(jj)
+                    if problem.group == 1:
+                        _zero_absent_classes(rest, problem, perm, np.full(jj.size, size), jj)
+                    other[jj] = util.batch(rest, y, per_test=per_test)
+                else:
+                    other[jj] = util.batch(base + reg.branch_updates(jj), y, per_test=per_test)
+    advance(walk)
+    return saved, other
 
 
 def run_stratified(problem: RegressionProblem, plan: StrataPlan, seed: int, sample_ids, utility: UtilitySpec =
