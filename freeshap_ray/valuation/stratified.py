@@ -658,4 +658,4 @@ class StrataStats:
         expand = (1,) * (value.ndim - 1)
         c = cnt.astype(np.float64).reshape(cnt.shape + expand)
         return ValuesResult(values=value, stderr=np.sqrt(var), counts=cnt.astype(np.int64),
-                            variances=np.where(np.isfinite(var), var * c, 0.0), info=info)
+                            variances=np.where(np.isfinite(var), var, 0.0) * c, info=info)
