@@ -170,7 +170,8 @@ def main() -> None:
           f"{per / pfloor:.2f}x the floor (1 thread)")
     if args.compare_n:
         dim = load_config(args.config, args.set).kernel.projection_dim
-        base = [f"data.max_examples={args.compare_n}", f"shapley.n_permutations={args.compare_permutations}"]
+        base = [f"data.max_examples={args.compare_n}", f"shapley.n_permutations={args.compare_permutations}",
+                "shapley.estimator=tmc", "shapley.convergence=none"]  # the same fixed valuation work on both paths
         walls = {}
         for name, extra in (("exact", ["kernel.projection_dim=0", "shapley.solver=dual"]),
                             ("projected", [f"kernel.projection_dim={dim}", "shapley.solver=primal"])):

@@ -436,7 +436,8 @@ def test_branch_and_loo_updates_equal_direct_solves(kind, c):
 @pytest.mark.parametrize("kind,c", KINDS)
 def test_stratified_records_equal_on_features_and_kernel(kind, c):
     """A stratified sample on features (the QR walk stops at every requested size) records the same sizes,
-    walk and, within the bounds, the same marginals as on the kernel (continuous utilities: 2-Lipschitz)."""
+    walk and, within the bounds, the same marginals as on the kernel (continuous utilities: 2-Lipschitz), with
+    one shared size per sample (the default on features) and with independent sizes (the default on kernels)."""
     from freeshap_ray.valuation.stratified import geometric_edges, stratified_sample, uniform_plan
 
     n = 30
@@ -447,8 +448,13 @@ def test_stratified_records_equal_on_features_and_kernel(kind, c):
     u_tol = 4 * 2 * _leverage_bound(fp) * pair_tol(fp, dp) * scale
     assert u_tol < 1e-3
     plan = uniform_plan(n, geometric_edges(n))
-    for utility in ("neg_ce", "margin"):
+    for utility, shared in (("neg_ce", True), ("margin", True), ("neg_ce", False)):
         for k in range(2 * len(plan.cycle)):
-            a, b = stratified_sample(fp, plan, 0, k, utility), stratified_sample(dp, plan, 0, k, utility)
+            a = stratified_sample(fp, plan, 0, k, utility, shared_size=shared)
+            b = stratified_sample(dp, plan, 0, k, utility, shared_size=shared)
             assert np.array_equal(a.sizes, b.sizes) and a.walked == b.walked
+            if shared:
+                assert np.unique(a.sizes[a.sizes >= 0]).size <= 1
             np.testing.assert_allclose(a.marginals, b.marginals, rtol=0, atol=u_tol, err_msg=f"{utility} {k}")
+    default = stratified_sample(fp, plan, 0, len(plan.cycle) - 1, "neg_ce")  # features: one size per sample
+    assert np.unique(default.sizes[default.sizes >= 0]).size == 1

@@ -227,8 +227,8 @@ def marginal_cost_primal(edges: np.ndarray, n: int, m: int, dim: int, group: int
     """Model flops of one marginal in each stratum (primal solver on ``dim`` features).
 
     Per point: the branch solve ``D² g`` and test rows ``2 m g² D``, independent of the size, plus its share of
-    the walk to ``hi`` (a QR row update ``2 D² g`` per row and a stop, ``overhead``, per size of the stratum,
-    over ``n`` points) and a fixed ``overhead``.
+    the walk to ``hi`` (a QR row update ``2 D² g`` per row, over ``n`` points; one size per sample, so two
+    stops) and a fixed ``overhead``.
 
     Returns:
         ``(H,)`` float64.
@@ -236,7 +236,7 @@ def marginal_cost_primal(edges: np.ndarray, n: int, m: int, dim: int, group: int
     e = np.asarray(edges, dtype=np.float64)
     lo, hi = e[:-1], e[1:]
     d, g = float(dim), float(group)
-    return d * d * g + 2 * m * g * g * d + (2 * hi * g * d * d + (hi - lo) * overhead) / n + overhead
+    return d * d * g + 2 * m * g * g * d + 2 * hi * g * d * d / n + overhead
 
 
 def _round_to_total(share: np.ndarray, total: int, floor: np.ndarray) -> np.ndarray:
@@ -323,12 +323,22 @@ class StratifiedSample:
     walked: int
 
 
-def _target_sizes(plan: StrataPlan, seed: int, sample_id: int, pos: np.ndarray) -> np.ndarray:
+def _target_sizes(plan: StrataPlan, seed: int, sample_id: int, pos: np.ndarray, shared: bool = False) -> np.ndarray:
+    """Per point: its coalition size in the sample's stratum ``[lo, hi)`` (uniform), or -1 if not taking part.
+
+    Independent sizes (a point whose position falls in the stratum keeps it: an ordinary marginal, no branch),
+    or with ``shared`` one size for all points of the sample: each point's size is still uniform on the
+    stratum and independent across samples (the same per-point estimator), and the walk stops twice instead
+    of at every size of the stratum (what the primal solver needs: its requests are batched per stop)."""
     h, r = plan.slot(sample_id)
     lo, hi = int(plan.edges[h]), int(plan.edges[h + 1])
-    u = np.random.default_rng([int(seed), int(sample_id), _SIZE_TAG]).random(plan.n)
-    t = lo + np.floor(u * (hi - lo)).astype(np.int64)
-    t = np.where((pos >= lo) & (pos < hi), pos, np.minimum(t, hi - 1))
+    rng = np.random.default_rng([int(seed), int(sample_id), _SIZE_TAG])
+    if shared:
+        t = np.full(plan.n, min(lo + int(np.floor(rng.random() * (hi - lo))), hi - 1), dtype=np.int64)
+    else:
+        u = rng.random(plan.n)
+        t = lo + np.floor(u * (hi - lo)).astype(np.int64)
+        t = np.where((pos >= lo) & (pos < hi), pos, np.minimum(t, hi - 1))
     return np.where(plan.participants(h, r), t, -1)
 
 
@@ -347,7 +357,7 @@ def _zero_absent_classes(preds: np.ndarray, problem: RegressionProblem, perm: np
 
 def stratified_sample(problem: RegressionProblem, plan: StrataPlan, seed: int, sample_id: int,
                       utility: UtilitySpec = "accuracy", *, per_test_point: bool = False,
-                      block_size: int = DEFAULT_BLOCK_SIZE) -> StratifiedSample:
+                      block_size: int = DEFAULT_BLOCK_SIZE, shared_size: bool | None = None) -> StratifiedSample:
     """Sample ``sample_id``: one marginal per taking-part point at a size in the sample's stratum.
 
     Args:
@@ -358,6 +368,8 @@ def stratified_sample(problem: RegressionProblem, plan: StrataPlan, seed: int, s
         utility: ``"accuracy"``, ``"neg_ce"``, ``"margin"``, a :class:`Utility` or a callable.
         per_test_point: ``(n, m)`` marginals.
         block_size: points per level-3 step of the walk (does not change the result).
+        shared_size: one coalition size for all points of the sample (see :func:`_target_sizes`); default:
+            on feature problems (the primal walk batches its requests per stop), not on kernels.
 
     Returns:
         A :class:`StratifiedSample`.
@@ -370,7 +382,9 @@ def stratified_sample(problem: RegressionProblem, plan: StrataPlan, seed: int, s
     perm = permutation_for(n, seed, sample_id)
     pos = np.empty(n, dtype=np.int64)
     pos[perm] = np.arange(n)
-    t = _target_sizes(plan, seed, sample_id, pos)
+    if shared_size is None:
+        shared_size = isinstance(problem, FeatureProblem)
+    t = _target_sizes(plan, seed, sample_id, pos, shared_size)
     take = t >= 0
     ordinary = take & (pos == t)
     branch = take & (pos > t)
@@ -436,7 +450,8 @@ def _walk_primal(problem: FeatureProblem, perm: np.ndarray, t: np.ndarray, branc
                  need: np.ndarray, walk: int, util: Utility, per_test: bool) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_walk_dual` on the feature-space (QR) regression: its factor is not nested by prefix, so the walk
     stops at every size some point is branched onto (``t_j``) or removed from (``t_j + 1``) and does those
-    requests there (``D² g`` each, independent of the size). Same records up to rounding."""
+    requests there (``D² g`` each, independent of the size; with a shared size, two stops). Same records up to
+    rounding."""
     reg = PrimalRegressor(problem)
     saved = np.zeros((need.size, problem.m, problem.n_classes))
     y = problem.y_test
