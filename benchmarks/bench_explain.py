@@ -113,9 +113,9 @@ def main() -> None:
         t_stage = time.perf_counter() - t
     t_kernel = float(k.manifest.get("seconds", {}).get("total", float("nan")))
     per_text = statistics.median(times[1:] or times)
-    print(f"shapley stage with the text appended (m = {problem.m}, {shapley_cfg.n_permutations} permutations, "
+    print(f"shapley stage with the text appended (m = {problem.m}, the run's own settings: "
           f"{shapley_cfg.utility}, per-test values): {t_stage:.1f} s on 2 Ray workers "
-          f"(mean truncation at {res.info['mean_truncated_at']:.0f})")
+          f"({res.info.get('estimator', 'tmc')}, {res.info['n_permutations']} samples, {res.info.get('stop_reason', '')})")
     print(f"explain, per text after the model is loaded: median {per_text:.2f} s, max {max(times):.2f} s "
           f"(goal <= 10 s); first call's cache build {ex.seconds['train_features']:.1f} s")
     print(f"ratio: shapley stage / explain per text = {t_stage / per_text:.1f}x; with the kernel recomputed for "

@@ -59,7 +59,7 @@ def main() -> None:
     sc = cfg.shapley
     kw = dict(lam=sc.lam, kernel_divisor=sc.kernel_divisor, utility=args.utility, estimator=args.estimator,
               n_permutations=args.permutations, truncation_tol=sc.truncation_tol, seed=0, num_cpus_per_task=1.0,
-              permutations_per_task=25)
+              permutations_per_task=25, convergence="none", max_seconds=None)  # the same samples on every kernel
 
     def surrogate_acc(k_tt, k_st) -> float:
         prob = RegressionProblem.from_kernels(k_tt, k_st, y, yt, lam=sc.lam, kernel_divisor=sc.kernel_divisor)
