@@ -86,13 +86,9 @@ class PrimalRegressor(PrefixRegressor):
             ValueError: indices out of range, repeated, or already added.
         """
         prob = self.problem
-        if self._broken is not None:
-            raise KernelError(f"feature regression: this regressor failed earlier ({self._broken}); start a new one")
-        pts = prob.check_points(points, name="points")
+        pts = self._requests(points, inside=False)
         if pts.size == 0:
             return np.zeros((0, prob.m, prob.n_classes))
-        if np.any(self._added[pts]):
-            raise ValueError(f"points: training point {int(pts[self._added[pts]][0])} was already added")
         step = max(1, MAX_UPDATE_ROWS // prob.group)
         if pts.size > step:
             return np.concatenate([self._update(pts[s:s + step]) for s in range(0, pts.size, step)])
@@ -134,13 +130,14 @@ class PrimalRegressor(PrefixRegressor):
         return out
 
     def _requests(self, points: np.ndarray, inside: bool) -> np.ndarray:
+        """Validated ``points`` that must all be in the prefix (``inside``) or all outside it."""
         if self._broken is not None:
             raise KernelError(f"feature regression: this regressor failed earlier ({self._broken}); start a new one")
         pts = self.problem.check_points(points, name="points")
         wrong = self._added[pts] != inside
         if np.any(wrong):
             raise ValueError(f"points: training point {int(pts[wrong][0])} is "
-                             f"{'not ' if inside else ''}in the prefix")
+                             + ("not in the prefix" if inside else "in the prefix (already added)"))
         return pts
 
     def _rank_g(self, pts: np.ndarray, sign: float) -> np.ndarray:

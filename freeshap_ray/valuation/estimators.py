@@ -25,15 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from ..utility.features import FeatureProblem
 from ..utility.problem import RegressionProblem
 from ..values import ValuesResult
 from .banzhaf import BanzhafStats, MSRSample, msr_sample
 from .control_variate import CVStats, control_mean, sample_controls
 from .samplers import sampler_permutation, samples_from_marginals
 from .settings import ValuationSettings
-from .stratified import StrataPlan, StrataStats, StratifiedSample, allocate, geometric_edges, marginal_cost, \
-    marginal_cost_primal, stratified_sample, uniform_plan
+from .stratified import StrataPlan, StrataStats, StratifiedSample, allocate, geometric_edges, stratified_sample, \
+    stratum_costs, uniform_plan
 from .tmc import PermutationResult, run_permutation
 
 __all__ = ["ESTIMATORS", "Estimator", "Context", "estimator_for"]
@@ -212,10 +211,7 @@ class StratifiedEstimator(Estimator):
     def allocated(self, ctx: Context, pilot: Stats, problem: RegressionProblem) -> Context:
         """``ctx`` with the allocation fitted to the pilot statistics (plan from the end of the pilot on)."""
         plan = ctx.plans[0][1]
-        if isinstance(problem, FeatureProblem):
-            cost = marginal_cost_primal(plan.edges, problem.n, problem.m, problem.dim, problem.group)
-        else:
-            cost = marginal_cost(plan.edges, problem.n, problem.m, problem.group)
+        cost = stratum_costs(problem, plan.edges)
         per_cycle = max(CYCLE, 2 * plan.strata)
         new = allocate(pilot.inner, cost, per_cycle=per_cycle, pooled=True, tail_from=ctx.tail_from, tail=self._tail)
         return Context(ctx.v_full, ((0, plan), (self.pilot_size(ctx), new)), ctx.tail_from)

@@ -233,10 +233,16 @@ def marginal_cost_primal(edges: np.ndarray, n: int, m: int, dim: int, group: int
     Returns:
         ``(H,)`` float64.
     """
-    e = np.asarray(edges, dtype=np.float64)
-    lo, hi = e[:-1], e[1:]
+    hi = np.asarray(edges, dtype=np.float64)[1:]
     d, g = float(dim), float(group)
     return d * d * g + 2 * m * g * g * d + 2 * hi * g * d * d / n + overhead
+
+
+def stratum_costs(problem: RegressionProblem, edges: np.ndarray) -> np.ndarray:
+    """Model flops of one marginal per stratum for ``problem``'s solver (primal on features, dual on kernels)."""
+    if isinstance(problem, FeatureProblem):
+        return marginal_cost_primal(edges, problem.n, problem.m, problem.dim, problem.group)
+    return marginal_cost(edges, problem.n, problem.m, problem.group)
 
 
 def _round_to_total(share: np.ndarray, total: int, floor: np.ndarray) -> np.ndarray:
