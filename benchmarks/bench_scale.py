@@ -9,7 +9,10 @@ RSS, and the ratios of issue "kernel-free scale-out":
   ``(2·P_model·T + 4·P_suffix·T) / R32`` (T tokens of all texts, P_model the non-embedding parameters, P_suffix
   those from the first selected block to the output, R32 the float32 matmul rate measured here, 1 thread);
 * primal seconds per permutation ÷ its ``k·D²`` floor at the float64 GEMM rate (k: points a permutation adds
-  before truncation), from ``--perms`` TMC permutations on the stored features, 1 thread;
+  before truncation), from ``--perms`` TMC permutations on the stored features, 1 thread; and ÷ the floor of
+  every prefix's predictions, ``k·(D² + 2·D·M)`` (M test rows): any exact walk updates a D×D factor by a row
+  (``D²``) and multiplies the new point into the M test rows in the current metric (``2·D·M``), so at M ≈ D the
+  ``k·D²`` goal of 3× is out of reach of every exact method;
 * with ``--compare-n 6000``: the whole ``run`` of ``--compare-config`` (the cleaning config: today's exact path,
   tiles and the dual solver) at n = 6,000 against the same config and Shapley settings on the projected path
   (``kernel.projection_dim`` of the scale config, ``shapley.solver: primal``), wall seconds, in this run.
@@ -99,8 +102,8 @@ def feature_floor(out: Path) -> tuple[float, float]:
     return floor, float(stats.get("seconds", {}).get("shard_sum", float("nan")))
 
 
-def primal_ratio(out: Path, perms: int) -> tuple[float, float, int, int]:
-    """(seconds per permutation, k·D² floor seconds, mean k, D) of TMC permutations on the stored features."""
+def primal_ratio(out: Path, perms: int) -> tuple[float, float, int, int, int]:
+    """(seconds per permutation, GEMM rate, mean k, D, M test rows) of TMC permutations on the stored features."""
     from threadpoolctl import threadpool_limits
 
     from freeshap_ray.config import config_from_dict
@@ -116,7 +119,7 @@ def primal_ratio(out: Path, perms: int) -> tuple[float, float, int, int]:
     src = ProblemSource(layout, cfg)
     prob = src.problem(read_examples(layout, "train").column("label").to_numpy(),
                        read_examples(layout, "test").column("label").to_numpy())
-    dim = int(prob.D) if hasattr(prob, "D") else int(src.info["projection"]["dim"])
+    dim = prob.dim
     with threadpool_limits(limits=1):
         r64 = _rate(__import__("torch").float64)
         vf = float(np.mean(full_utility(prob, cfg.shapley.utility)))
@@ -126,8 +129,7 @@ def primal_ratio(out: Path, perms: int) -> tuple[float, float, int, int]:
                                   truncation_tol=cfg.shapley.truncation_tol, v_full=vf)
             ks.append(res.truncated_at)
         per = (time.perf_counter() - t) / perms
-    k_mean = int(np.mean(ks))
-    return per, k_mean * dim * dim / r64, k_mean, dim
+    return per, r64, int(np.mean(ks)), dim, int(prob.phi_test.shape[0])
 
 
 def stage_seconds(out: Path) -> dict:
@@ -165,9 +167,11 @@ def main() -> None:
     floor, cpu = feature_floor(out)
     print(f"features: {cpu:.1f} CPU s over the shards; forward+backward FLOP floor {floor:.1f} s (1 thread) -> "
           f"{cpu / floor:.2f}x the floor")
-    per, pfloor, k, dim = primal_ratio(out, args.perms)
-    print(f"primal: {per:.3f} s per permutation (k = {k} points, D = {dim}); k·D² floor {pfloor:.3f} s -> "
-          f"{per / pfloor:.2f}x the floor (1 thread)")
+    per, r64, k, dim, m_rows = primal_ratio(out, args.perms)
+    pfloor, qfloor = k * dim**2 / r64, k * (dim**2 + 2 * dim * m_rows) / r64
+    print(f"primal: {per:.3f} s per permutation (k = {k} points, D = {dim}, M = {m_rows} test rows, float64 GEMM "
+          f"{r64 / 1e9:.1f} GFLOP/s, 1 thread); k·D² floor {pfloor:.3f} s -> {per / pfloor:.2f}x; prediction floor "
+          f"k·(D² + 2·D·M) {qfloor:.3f} s -> {per / qfloor:.2f}x")
     if args.compare_n:
         dim = load_config(args.config, args.set).kernel.projection_dim
         base = [f"data.max_examples={args.compare_n}", f"shapley.n_permutations={args.compare_permutations}",

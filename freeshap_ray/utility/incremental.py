@@ -69,6 +69,9 @@ class PrefixRegressor:
     """What every regressor that grows a training prefix exposes (subclasses keep ``problem``, ``_order``,
     ``_count`` and the current predictions ``_F``, and implement :meth:`extend`)."""
 
+    #: Points per :meth:`extend` call that the walks use by default (level-3 blocks; performance only).
+    block_size: int = 64
+
     @property
     def size(self) -> int:
         """Number of training points added so far."""

@@ -40,8 +40,10 @@ __all__ = ["PrimalRegressor", "DEFAULT_PANEL", "MAX_UPDATE_ROWS"]
 DEFAULT_PANEL = 32
 
 #: Most rows in one orthogonal update; longer ``extend`` calls are split (the ``q×q`` corner ``Q₂₂``
-#: costs ``q²`` memory and ``4q²D + 4q³/3`` flops per update).
-MAX_UPDATE_ROWS = 256
+#: costs ``q²`` memory and ``4q²D + 4q³/3`` flops per update). 128 rows run 1.2-1.3× faster per point
+#: than 64 at D = 512-4,096 with m = 1,000 (``dtpqrt``/``dtpmqrt`` reach a larger share of the GEMM rate)
+#: and as fast as 256 (whose ``Q₂₂`` costs more at small D): ``benchmarks/bench_primal.py --blocks``.
+MAX_UPDATE_ROWS = 128
 
 
 class PrimalRegressor(PrefixRegressor):
@@ -54,6 +56,8 @@ class PrimalRegressor(PrefixRegressor):
         problem: the feature problem.
         panel: Householder panel width (performance only).
     """
+
+    block_size = MAX_UPDATE_ROWS
 
     def __init__(self, problem: FeatureProblem, panel: int = DEFAULT_PANEL) -> None:
         if panel < 1:

@@ -30,7 +30,7 @@ from .aggregate import Estimate, aggregate
 from .samplers import sampler_permutation
 from .settings import ValuationSettings
 from .sinks import MemorySink
-from .tmc import DEFAULT_BLOCK_SIZE, full_utility, run_permutation
+from .tmc import full_utility, run_permutation
 
 __all__ = [
     "EXPLAIN_UTILITIES",
@@ -119,8 +119,8 @@ def one_point_values(problem: RegressionProblem, settings: ValuationSettings) ->
         v_full = float(np.mean(full_utility(problem, settings.utility)))
         batch = [(pid, run_permutation(
             problem, sampler_permutation(problem.n, c.seed, pid, c.sampler), settings.utility,
-            truncation_tol=settings.truncation_tol, truncation_patience=c.truncation_patience, v_full=v_full,
-            block_size=DEFAULT_BLOCK_SIZE)) for pid in range(n_ids)]
+            truncation_tol=settings.truncation_tol, truncation_patience=c.truncation_patience, v_full=v_full))
+            for pid in range(n_ids)]
     sink = MemorySink()
     sink.write(batch, c.seed, c.sampler, False)
     one = dataclasses.replace(settings, config=dataclasses.replace(c, per_test_point=False, estimator="tmc"))

@@ -373,7 +373,8 @@ def stratified_sample(problem: RegressionProblem, plan: StrataPlan, seed: int, s
         sample_id: ``>= 0``.
         utility: ``"accuracy"``, ``"neg_ce"``, ``"margin"``, a :class:`Utility` or a callable.
         per_test_point: ``(n, m)`` marginals.
-        block_size: points per level-3 step of the walk (does not change the result).
+        block_size: points per level-3 step of the kernel (dual) walk (does not change the result); the primal
+            walk updates in blocks of :attr:`PrimalRegressor.block_size`.
         shared_size: one coalition size for all points of the sample (see :func:`_target_sizes`); default:
             on feature problems (the primal walk batches its requests per stop), not on kernels.
 

@@ -30,8 +30,9 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
 ]
 
-#: Points added per level-3 incremental update; at most ``block_size - 1`` are computed in vain
-#: after a truncation.
+#: Points added per level-3 incremental update of the dual (kernel) regression; at most
+#: ``block_size - 1`` are computed in vain after a truncation. The primal (feature-space) regression
+#: uses its own (:attr:`PrimalRegressor.block_size`) unless one is given.
 DEFAULT_BLOCK_SIZE = 64
 
 
@@ -133,7 +134,7 @@ def run_permutation(
     truncation_patience: int = 2,
     v_full: float | np.ndarray | None = None,
     per_test_point: bool = False,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> PermutationResult:
     """Marginal contributions of every training point along one permutation (TMC step).
 
@@ -146,7 +147,8 @@ def run_permutation(
         v_full: mean utility of the full set (an ``(m,)`` array is averaged); computed by a direct
             solve if None. Pass it when running many permutations.
         per_test_point: return ``(n, m)`` per-test marginals instead of ``(n,)``.
-        block_size: points added per level-3 update (does not change the result).
+        block_size: points added per level-3 update (does not change the result); None: the solver's
+            own (64 for the dual, 128 for the primal).
 
     Returns:
         A :class:`PermutationResult`; marginals are indexed by original point index.
@@ -155,7 +157,7 @@ def run_permutation(
         raise ValueError(f"truncation_tol: must be >= 0, got {truncation_tol}")
     if truncation_patience < 1:
         raise ValueError(f"truncation_patience: must be >= 1, got {truncation_patience}")
-    if block_size < 1:
+    if block_size is not None and block_size < 1:
         raise ValueError(f"block_size: must be >= 1, got {block_size}")
     perm = _check_permutation(problem, permutation)
     util: Utility = resolve_utility(utility)
@@ -168,6 +170,7 @@ def run_permutation(
     marginals = np.zeros((problem.n, problem.m) if per_test_point else problem.n)
     rule = _Truncation(truncation_tol, truncation_patience, v_full)
     reg = make_regressor(problem)  # dual for kernels, primal for features
+    block_size = reg.block_size if block_size is None else block_size
     added = 0
     while added < problem.n:
         chunk = perm[added:added + block_size]
