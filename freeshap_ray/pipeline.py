@@ -34,7 +34,7 @@ from .io import (
     write_values,
 )
 from .io.remote import display
-from .kernel import condition_number
+from .kernel import spectrum_summary
 from .models import load_classifier, resolve_model_path, select_params
 from .utility import FeatureProblem, RegressionProblem
 from .utility.solver import choose_solver
@@ -154,7 +154,10 @@ def run_kernel_stage(stage: KernelStage, *, progress: bool = True, on_tile=None)
         info = {**compute_kernel(stage.job, store, resume=stage.resume, progress=progress, on_tile=on_tile),
                 **stage.model_info}
         k = store.assemble(info).first_logit_train
-        info["condition_number_first_logit"] = condition_number(k)
+        spec = spectrum_summary(k, cfg.shapley.lam, cfg.shapley.kernel_divisor)
+        info["condition_number_first_logit"] = spec["condition_number"]  # None: singular (see numerical rank)
+        info["numerical_rank_first_logit"] = spec["numerical_rank"]
+        info["condition_number_regularized_first_logit"] = spec["condition_number_regularized"]
         info["diag_mean"] = float(np.diagonal(k).mean())
     store.finish(info)
     data_info = {"data": splits.source, "model_dir": str(stage.job.model_dir), "data_summary": splits.summary()}

@@ -79,10 +79,14 @@ def test_last_k_selection(spec, expect_blocks):
         ("bert", "full", "last:1", 2, "hooks"),
     ],
 )
-def test_ray_kernel_matches_reference(ray_local, tmp_path, arch, kind, params, shards, method):
+def test_ray_kernel_matches_reference(ray_local, tmp_path, monkeypatch, arch, kind, params, shards, method):
     """Blocks of 2 examples over 2 actors (2 parameter shards where asked): the assembled train×train and
-    test×train kernels equal the explicit-Jacobian reference, with hook features and with torch.func."""
+    test×train kernels equal the explicit-Jacobian reference, with hook features and with torch.func. On llama
+    one tile task per actor is in flight at a time (24 shard partials through 2 slots), on bert all at once."""
+    from freeshap_ray.distributed import kernel_job
     from freeshap_ray.distributed.kernel_job import KernelInputs
+
+    monkeypatch.setattr(kernel_job, "MAX_TILES_IN_FLIGHT_PER_ACTOR", 1 if arch == "llama" else 100)
 
     cfg, model_dir, clf, names = _setup(arch, params=params)
     train, test = TEXTS[:5], TEXTS[5:8]
@@ -138,3 +142,26 @@ def test_killed_actor_is_replaced_and_resume_skips_finished_tiles(ray_local, tmp
     assert info["tiles_skipped"] == 4 and info["tiles_computed"] == 6 + 3 - 4
     np.testing.assert_allclose(load_kernel(part.root)["train_train"], ref, rtol=1e-12)
     np.testing.assert_allclose(load_kernel(part.root)["test_train"], load_kernel(ref_layout.root)["test_train"], rtol=1e-12)
+
+
+def test_spectrum_summary_is_json_safe_on_singular_kernels():
+    """More points than features (rank 3 of 8) and a repeated row: no condition number (None, not inf), the
+    numerical rank, and the regularised system's condition number equal to numpy's; a full-rank kernel keeps
+    its condition number."""
+    import json
+
+    from freeshap_ray.kernel import condition_number, spectrum_summary
+
+    rng = np.random.default_rng(0)
+    phi = rng.normal(size=(8, 3)) * 50.0
+    k = phi @ phi.T
+    s = spectrum_summary(k, lam=1e-3, kernel_divisor=1e2)
+    json.dumps(s, allow_nan=False)
+    assert s["condition_number"] is None and s["numerical_rank"] == 3
+    want = np.linalg.cond(k / 1e2 + 1e-3 * np.eye(8))
+    assert abs(s["condition_number_regularized"] - want) <= 1e3 * 8 * np.finfo(float).eps * want**2
+    a = rng.normal(size=(6, 6))
+    full = a @ a.T + np.eye(6)
+    f = spectrum_summary(full, lam=0.0, kernel_divisor=1.0)
+    assert f["numerical_rank"] == 6 and f["condition_number_regularized"] is None
+    assert abs(f["condition_number"] - condition_number(full)) <= 1e-12 * f["condition_number"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +50,9 @@ __all__ = ["KernelInputs", "compute_kernel", "actor_nodes"]
 log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0
+
+#: Tile tasks queued per actor at a time (the rest are submitted as these finish).
+MAX_TILES_IN_FLIGHT_PER_ACTOR = 8
 
 # Actors and placement group of the kernel job running in this context, released if it fails.
 _OWNED: contextvars.ContextVar[list | None] = contextvars.ContextVar("freeshap_ray_kernel_owned", default=None)
@@ -263,13 +267,22 @@ def _reduce_tiles(job: KernelInputs, store: KernelStore, sched: _Schedule, *, pr
             owner[(s, split, b)] = a
             jac[(s, split, b)] = actors[a].jacobian.remote(list(texts[split][start:stop]))
     uses = {key: 0 for key in jac}
-    pending: dict[ray.ObjectRef, Tile] = {}
     for t in todo:
         for s in range(n_shards):
+            uses[(s, *row_key(t))] += 1
+            uses[(s, "train", t.col)] += 1
+    # Tile tasks are submitted as earlier ones finish, at most MAX_TILES_IN_FLIGHT_PER_ACTOR per actor at a time:
+    # the n²/block² tiles of a large n (~20,000 at n = 6,000) would otherwise all wait in Ray's queues at once.
+    work = ((t, s) for t in todo for s in range(n_shards))
+    pending: dict[ray.ObjectRef, Tile] = {}
+
+    def submit(limit: int) -> None:
+        for t, s in itertools.islice(work, max(0, limit - len(pending))):
             rk, ck = (s, *row_key(t)), (s, "train", t.col)
-            uses[rk] += 1
-            uses[ck] += 1
             pending[actors[owner[rk]].tile.remote(jac[rk], jac[ck], cfg.chunk_params)] = t
+
+    in_flight = MAX_TILES_IN_FLIGHT_PER_ACTOR * len(actors)
+    submit(in_flight)
     partial: dict[Tile, tuple[np.ndarray, int]] = {}
     jac_waiting = {ref: key for key, ref in jac.items()}
     jac_bar = tqdm(total=len(jac_waiting), desc="jacobian blocks", unit="block", disable=not progress)
@@ -282,6 +295,7 @@ def _reduce_tiles(job: KernelInputs, store: KernelStore, sched: _Schedule, *, pr
             jac_bar.update(1)
             continue
         t = pending.pop(done[0])
+        submit(in_flight)
         acc, count = partial.get(t, (None, 0))
         try:
             part = ray.get(done[0])

@@ -280,7 +280,8 @@ class Kernel:
 
     @property
     def condition_number(self) -> float | None:
-        """Of the first-logit train×train kernel (recorded by the kernel stage)."""
+        """Of the first-logit train×train kernel (recorded by the kernel stage); None when it is numerically
+        singular (``manifest["numerical_rank_first_logit"]`` says how far) or was not recorded."""
         return self.manifest.get("condition_number_first_logit")
 
     @property

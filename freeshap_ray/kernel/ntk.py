@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["kernel_tile", "condition_number"]
+__all__ = ["kernel_tile", "condition_number", "spectrum_summary"]
 
 
 def kernel_tile(ja: np.ndarray, jb: np.ndarray, *, chunk: int = 1 << 20) -> np.ndarray:
@@ -41,3 +41,21 @@ def condition_number(k: np.ndarray) -> float:
     top = float(eig[-1])
     low = float(eig[0])
     return float("inf") if low <= 0 else top / low
+
+
+def spectrum_summary(k: np.ndarray, lam: float, kernel_divisor: float) -> dict[str, float | int | None]:
+    """What the solver faces on a symmetric PSD ``(n, n)`` kernel, JSON-safe (no inf/nan).
+
+    Returns:
+        ``condition_number``: ``λ_max / λ_min`` of ``k``, None when ``k`` is numerically singular
+        (``λ_min <= n·eps·λ_max``: more points than parameters, or repeated texts);
+        ``numerical_rank``: eigenvalues above ``n·eps·λ_max``;
+        ``condition_number_regularized``: of ``k / kernel_divisor + lam·I``, the matrix the regression solves
+        (finite for ``lam > 0``).
+    """
+    eig = np.linalg.eigvalsh(k)
+    top, low = float(eig[-1]), float(eig[0])
+    cut = k.shape[0] * np.finfo(np.float64).eps * max(top, 0.0)
+    reg = (max(top, 0.0) / kernel_divisor + lam) / (max(low, 0.0) / kernel_divisor + lam) if lam > 0 else None
+    return {"condition_number": top / low if low > cut else None, "numerical_rank": int(np.count_nonzero(eig > cut)),
+            "condition_number_regularized": reg}
