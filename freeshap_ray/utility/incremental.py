@@ -66,11 +66,16 @@ def _first_bad_pivot(S: np.ndarray) -> tuple[int, float]:
 
 
 class PrefixRegressor:
-    """What every regressor that grows a training prefix exposes (subclasses keep ``problem``, ``_order``,
-    ``_count`` and the current predictions ``_F``, and implement :meth:`extend`)."""
+    """What every regressor that grows a training prefix exposes (this class keeps the order of the ``n`` points;
+    subclasses keep ``problem`` and the current predictions ``_F``, and implement :meth:`extend`)."""
 
     #: Points per :meth:`extend` call that the walks use by default (level-3 blocks; performance only).
     block_size: int = 64
+
+    def __init__(self, n: int) -> None:
+        self._order = np.zeros(n, dtype=np.int64)  # training indices in the order they were added
+        self._added = np.zeros(n, dtype=bool)
+        self._count = 0  # points in S
 
     @property
     def size(self) -> int:
@@ -135,6 +140,7 @@ class IncrementalRegressor(PrefixRegressor):
     """
 
     def __init__(self, problem: RegressionProblem) -> None:
+        super().__init__(problem.n)
         self.problem = problem
         rows = problem.n * problem.group
         self._L = np.zeros((rows, rows), order="F")  # F-order: L[:s, :s] is solved in place (lda = rows)
@@ -142,10 +148,7 @@ class IncrementalRegressor(PrefixRegressor):
         self._B = np.zeros((rows, problem.T.shape[1]))
         self._F = np.zeros((problem.KT.shape[0], problem.T.shape[1]))
         self._rows = np.zeros(rows, dtype=np.int64)
-        self._order = np.zeros(problem.n, dtype=np.int64)
-        self._added = np.zeros(problem.n, dtype=bool)
         self._size = 0  # rows in S
-        self._count = 0  # points in S
 
     def extend(self, points: np.ndarray) -> np.ndarray:
         """Add several training points in order, in one level-3 update.

@@ -62,6 +62,7 @@ class PrimalRegressor(PrefixRegressor):
     def __init__(self, problem: FeatureProblem, panel: int = DEFAULT_PANEL) -> None:
         if panel < 1:
             raise ValueError(f"panel: must be >= 1, got {panel}")
+        super().__init__(problem.n)
         self.problem = problem
         D, lam = problem.dim, problem.lam
         M, r = problem.phi_test.shape[0], problem.T.shape[1]
@@ -71,9 +72,6 @@ class PrimalRegressor(PrefixRegressor):
         self._ZW[:, :M] = problem.test_features().T / np.sqrt(lam)
         self._M = M
         self._F = np.zeros((M, r))
-        self._order = np.zeros(problem.n, dtype=np.int64)
-        self._added = np.zeros(problem.n, dtype=bool)
-        self._count = 0
         self._broken: str | None = None
 
     def extend(self, points: np.ndarray) -> np.ndarray:
