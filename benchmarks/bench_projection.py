@@ -11,7 +11,7 @@ this process, ``--threads`` torch threads) and compared with the exact kernel K:
   the difference is the kernel's alone);
 * ``AUC``/``rec@20%``: wrong-label detection with K̂'s values on 10 % flipped labels (seed 0).
 
-    python benchmarks/bench_projection.py --run outputs/bench_estimators_2000 --dims 512,2048,8192,32768 --seeds 0,1,2
+    python benchmarks/bench_projection.py --run outputs/bench_estimators_2000 --dims 512,1024,2048,8192,32768 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
-    ap.add_argument("--dims", default="512,2048,8192,32768")
+    ap.add_argument("--dims", default="512,1024,2048,8192,32768")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--permutations", type=int, default=300)

