@@ -224,8 +224,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"data: {d['n_train']} training and {d['n_test']} test texts{dropped}; repeated training texts: "
                       f"{d['train_repeats']}, test texts also in training (leakage): {d['test_in_train']}")
             how = "reused the finished kernel" if info.get("reused") else f"in {info['seconds']['total']:.1f} s"
-            print(f"kernel: {info['n_train']}x{info['n_train']} + {info['n_test']}x{info['n_train']} "
-                  f"({info['kind']}, {info['n_params']:,} parameters) {how} -> {display(layout.kernel_dir)}")
+            if info.get("representation") == "features":
+                print(f"kernel: projected features of {info['n_train']} + {info['n_test']} texts, D = "
+                      f"{info['projection']['dim']:,} ({info['kind']}, {info['n_params']:,} parameters; nothing "
+                      f"n×n) {how} -> {display(layout.root / 'features')}")
+            else:
+                print(f"kernel: {info['n_train']}x{info['n_train']} + {info['n_test']}x{info['n_train']} "
+                      f"({info['kind']}, {info['n_params']:,} parameters) {how} -> {display(layout.kernel_dir)}")
             return
         print(f"shapley: {info['n_permutations']} permutations, v(N)={info['v_full']:.4f}, "
               f"v(empty)={info['v_empty']:.4f}, {info['seconds']:.1f} s -> {display(layout.values)}")

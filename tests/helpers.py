@@ -123,6 +123,14 @@ def solve_tol(problem, safety: float = 10.0) -> float:
     return safety * problem.K.shape[0] * cond * EPS
 
 
+def primal_tol(fp, safety: float = 10.0) -> float:
+    """The same for the feature-space (primal) regression of a ``FeatureProblem``: ``safety · (N + D) · cond · eps``
+    with the every-prefix bound ``cond = (λ_max(Φ̃ᵀΦ̃) + λ) / λ`` (orthogonal QR updates / Cholesky of the D×D
+    normal matrix, backward stable)."""
+    top = max(float(np.linalg.eigvalsh(fp.gram())[-1]), 0.0)
+    return safety * (fp.phi_train.shape[0] + fp.dim) * (top + fp.lam) / fp.lam * EPS
+
+
 def utility_tol(problem, pred_scale: float, safety: float = 10.0) -> float:
     """Absolute tolerance for utilities (and their differences, the marginals) computed from predictions of
     magnitude ``pred_scale`` that agree to :func:`solve_tol`: negative cross-entropy is 2-Lipschitz in the

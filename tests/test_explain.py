@@ -19,7 +19,7 @@ from freeshap_ray.cli import main
 from freeshap_ray.config import ExplainConfig
 from freeshap_ray.errors import ConfigError, OutputError
 from freeshap_ray.io.explanations import EXPLANATIONS_SCHEMA
-from freeshap_ray.utility import RegressionProblem
+from freeshap_ray.utility import FeatureProblem, RegressionProblem
 from freeshap_ray.valuation import exact_shapley
 from freeshap_ray.valuation.one_point import (
     EXPLAIN_UTILITIES,
@@ -31,7 +31,7 @@ from freeshap_ray.valuation.one_point import (
 )
 from freeshap_ray.valuation.settings import ValuationSettings
 
-from .helpers import TEXTS, job_args, rel_err, run_kernel_job, solve_tol, utility_tol, write_csv
+from .helpers import TEXTS, job_args, primal_tol, rel_err, run_kernel_job, solve_tol, utility_tol, write_csv
 
 NEW = ["what a great and wonderful film", "boring , awful and dull", "it was fine"]
 
@@ -173,16 +173,18 @@ def test_rows_equal_the_kernel_jobs_rows_for_appended_texts(ray_local, tmp_path,
     run = read_finished_run(out)
     cfg = run.config
     with Explainer(out, use_ray=False) as local, Explainer(out, use_ray=True) as remote:
-        rows = local.kernel_rows(NEW)
+        rows, phi = local._test_side(NEW)
+        np.testing.assert_array_equal(local.kernel_rows(NEW), rows)
         # the same computation on an actor: equal up to the float32 rounding of the gradients (another process's
         # BLAS may order the float32 sums differently), inside the kernel's accuracy
         assert rel_err(remote.kernel_rows(NEW), rows) <= 1e-6
         expl = local.explain(NEW, ExplainConfig(sampler="permutation", n_permutations=10))
-        problem, scores = local._problem(rows, None)
-        tol = local.n * utility_tol(problem, float(np.abs(scores).max()))
+        problem, scores = local._problem(rows, None, phi)
+        rel = _rel_tol(problem)
+        tol = local.n * 4 * rel * max(1.0, float(np.abs(scores).max()))
         np.testing.assert_allclose(expl.values.sum(1), expl.u_full - expl.u_empty, rtol=0, atol=tol)  # efficiency
-        direct = problem.predict(None)  # a fresh solve with the new rows as test set
-        np.testing.assert_allclose(expl.scores, direct, rtol=0, atol=solve_tol(problem) * np.abs(direct).max())
+        direct = problem.predict(None)  # a fresh solve with the new rows (features) as test set
+        np.testing.assert_allclose(expl.scores, direct, rtol=0, atol=rel * np.abs(direct).max())
     model_dir = resolve_model_path(cfg.model.path, seed=cfg.model.seed)
     clf = load_classifier(model_dir, cfg.model)
     names = select_params(clf, cfg.model.params)
@@ -194,6 +196,41 @@ def test_rows_equal_the_kernel_jobs_rows_for_appended_texts(ray_local, tmp_path,
     want = KernelStore(layout).read().test_train[len(test):]
     assert rows.shape == want.shape
     assert rel_err(rows, want) <= 1e-6
+
+
+def _rel_tol(problem) -> float:
+    """Relative accuracy of any two backward-stable evaluations of ``problem``'s predictions (for a projected
+    run's feature problem, feature space and kernel space both)."""
+    if isinstance(problem, FeatureProblem):
+        return primal_tol(problem) + solve_tol(problem.to_dual())  # to_dual: n×n, the tiny test's reference only
+    return solve_tol(problem)
+
+
+def test_projected_run_explains_without_an_n_by_n_kernel(ray_local, tmp_path, monkeypatch):
+    """A projected run (features dataset): the explainer never assembles the kernel (doing so raises here), its
+    surrogate works in feature space, and the values equal exact enumeration of each text's one-point game within
+    3 stderr (on the equivalent kernel problem, the reference at n = 6)."""
+    from freeshap_ray.io import stores
+
+    out = _tiny_run(tmp_path, "kernel.projection_dim=64")
+
+    def formed(*args, **kwargs):
+        raise AssertionError("the n×n kernel of the features was formed")
+
+    monkeypatch.setattr(stores, "_kernel_of_features", formed)
+    with Explainer(out, use_ray=False) as ex:
+        assert ex.run.projected and ex.run.kernel is None and ex.n == 6
+        expl = ex.explain(NEW, ExplainConfig(sampler="permutation", n_permutations=300, seed=1))
+        rows, phi = ex._test_side(NEW)
+        problem, scores = ex._problem(rows, None, phi)
+    assert isinstance(problem, FeatureProblem) and rows.shape == (3, 6) and phi.shape[0] == 3
+    np.testing.assert_allclose(expl.scores, scores, rtol=0, atol=1e-12 * np.abs(scores).max())
+    dual = problem.to_dual()
+    tol = 4 * _rel_tol(problem) * max(1.0, float(np.abs(scores).max()))
+    for i in range(3):
+        exact = exact_shapley(one_point_problem(dual, i), EXPLAIN_UTILITIES["prob"])
+        assert np.all(np.abs(expl.values[i] - exact) <= 3 * expl.stderr[i] + tol), (i, expl.values[i], exact)
+        assert abs(exact.sum() - (expl.u_full[i] - expl.u_empty[i])) <= ex.n * tol
 
 
 def test_ray_values_equal_in_process_values(explainer, run, ray_local):

@@ -30,7 +30,7 @@ from freeshap_ray.utility import (
 )
 from freeshap_ray.valuation import full_utility, permutation_for, run_permutation
 
-from .helpers import EPS, solve_tol
+from .helpers import EPS, primal_tol, solve_tol
 
 
 def make_features(kind: str, n: int, m: int, c: int, D: int, *, scale: float = 30.0, rank: int | None = None,
@@ -44,12 +44,6 @@ def make_features(kind: str, n: int, m: int, c: int, D: int, *, scale: float = 3
         phi = rng.normal(size=shape[:-1] + (rank,)) @ rng.normal(size=(rank, D)) / np.sqrt(rank)
     y = rng.integers(0, c, size=n + m)
     return phi[:n] * scale, phi[n:] * scale, y[:n], y[n:]
-
-
-def primal_tol(fp: FeatureProblem, safety: float = 10.0) -> float:
-    """``safety · (N + D) · cond · eps`` with the every-prefix bound ``cond = (λ_max(Φ̃ᵀΦ̃) + λ) / λ``."""
-    top = max(float(np.linalg.eigvalsh(fp.gram())[-1]), 0.0)
-    return safety * (fp.phi_train.shape[0] + fp.dim) * (top + fp.lam) / fp.lam * EPS
 
 
 def pair_tol(fp: FeatureProblem, dp: RegressionProblem) -> float:

@@ -15,7 +15,10 @@ in this process. Both give the same rows and, for the same seed, the same values
 Speed: a kernel row needs the training examples' gradient features. They are computed once and cached under
 ``OUT/explain/train_features/`` (:class:`~freeshap_ray.io.feature_cache.FeatureCache`, keyed by the kernel
 plan's signature); afterwards a text costs one forward+backward pass, its tiles against the cached blocks
-and its permutations.
+and its permutations. A projected run (``kernel.projection_dim > 0``) needs no cache and nothing n×n: the
+training features are the run's features dataset, a text's row is ``φ(x)·Φᵀ`` of its projected features
+``φ(x)``, the surrogate is :class:`~freeshap_ray.apps.FeatureSurrogate` and the permutations run on the
+feature-space (primal) regression.
 
 Stored explanations (``explanations.parquet``, :func:`run_explain_stage`, ``freeshap-ray explain``): an
 explanation is identified by (text, utility, requested label); one stored with the same estimation settings
@@ -45,13 +48,15 @@ from ..io import Layout
 from ..io.explanations import explanations_table, read_explanations, write_explanations
 from ..io.feature_cache import FeatureCache
 from ..io.run import FinishedRun, read_finished_run
+from ..kernel.ntk import feature_kernel
 from ..kernel.plan import blocks, plan_signature
 from ..kernel.rows import Block, TrainFeatures, kernel_rows
-from ..utility import RegressionProblem
+from ..utility import FeatureProblem, RegressionProblem
 from ..valuation.aggregate import Estimate
 from ..valuation.one_point import EXPLAIN_UTILITIES, one_point_values, softmax, target_labels, one_point_problem
 from ..valuation.settings import ValuationSettings
 from ..valuation.sinks import MemorySink
+from .feature_surrogate import FeatureSurrogate
 from .kernel_baselines import KernelSurrogate
 
 __all__ = ["Explainer", "Explanation", "explain", "run_explain_stage", "summary_lines"]
@@ -83,6 +88,9 @@ class RowEngine(Protocol):
 
     def rows(self, texts: list[str]) -> np.ndarray:
         """``(m, n)`` or ``(m, n, C, C)`` float64 kernel rows."""
+
+    def features(self, texts: list[str]) -> np.ndarray:
+        """``(m·C', D)`` float32 projected features of ``texts`` (a projected run's; rows example-major)."""
 
     def close(self) -> None:
         """Release what the engine started."""
@@ -119,6 +127,10 @@ class _LocalRows:
     def rows(self, texts: list[str]) -> np.ndarray:
         return kernel_rows(self.worker, texts, self.train, block_size=self.kernel_cfg.block_size,
                            chunk=self.kernel_cfg.chunk_params)
+
+    def features(self, texts: list[str]) -> np.ndarray:
+        return np.concatenate([self.worker.features(list(texts[a:b]))
+                               for a, b in blocks(len(texts), self.kernel_cfg.block_size)])
 
     def close(self) -> None:
         self.train = None
@@ -274,12 +286,20 @@ class Explainer:
         self.train_texts = run.train.column("text").to_pylist()
         self.y_train = run.train.column("label").to_numpy().astype(np.int64)
         signature = plan_signature(self.train_texts, run.test.column("text").to_pylist(), cfg.model, cfg.kernel)
-        if signature != run.kernel.manifest.get("signature"):
+        if signature != run.kernel_info.get("signature"):
             raise OutputError(f"{self.layout.manifest}: its model/kernel config or the examples do not match the "
                               f"kernel in {self.layout.kernel_dir} (another config's kernel?); recompute the kernel")
-        self.problem = run.kernel.problem(self.y_train, run.test.column("label").to_numpy(), lam=cfg.shapley.lam,
-                                          kernel_divisor=cfg.shapley.kernel_divisor)
-        self.surrogate = KernelSurrogate.fit(self.problem)
+        y_test = run.test.column("label").to_numpy()
+        if run.projected:  # features dataset: D×D factorisations only
+            self.problem = FeatureProblem.from_features(*run.features, self.y_train, y_test,
+                                                        n_classes=len(self.label_names), lam=cfg.shapley.lam,
+                                                        kernel_divisor=cfg.shapley.kernel_divisor,
+                                                        kind=run.kernel_info["kind"])
+            self.surrogate = FeatureSurrogate.fit(self.problem)
+        else:
+            self.problem = run.kernel.problem(self.y_train, y_test, lam=cfg.shapley.lam,
+                                              kernel_divisor=cfg.shapley.kernel_divisor)
+            self.surrogate = KernelSurrogate.fit(self.problem)
         self.train_loo_label = np.argmax(self.surrogate.loo_train_predictions(), axis=1)
         self.identity = {"kernel": signature, "lam": cfg.shapley.lam, "kernel_divisor": cfg.shapley.kernel_divisor,
                          "labels": hashlib.sha256(self.y_train.tobytes()).hexdigest()[:16]}
@@ -299,8 +319,9 @@ class Explainer:
         t0 = time.perf_counter()
         engine = self._make_engine(actors, num_actors)
         self.seconds["load_model"] = time.perf_counter() - t0
-        try:
-            self.seconds["train_features"] = self._load_train_features(engine, overwrite, progress)
+        try:  # a projected run's training features are its features dataset, read with the run
+            self.seconds["train_features"] = (0.0 if self.run.projected else
+                                              self._load_train_features(engine, overwrite, progress))
         except BaseException:
             engine.close()
             raise
@@ -383,17 +404,36 @@ class Explainer:
 
     def kernel_rows(self, texts: str | list[str]) -> np.ndarray:
         """``(m, n)`` (or ``(m, n, C, C)``) unscaled kernel rows of new texts against the training set."""
-        return self.engine.rows(_check_texts(texts))
+        return self._test_side(_check_texts(texts))[0]
 
-    def _problem(self, rows: np.ndarray, label: int | None) -> tuple[RegressionProblem, np.ndarray]:
-        """The regression with the new texts as test set, each test label the class its game is about, and the
-        surrogate's scores ``(m, C)`` for the texts (from the factorisation made once)."""
+    def _test_side(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(kernel rows, the texts' projected features ``(m·C', D)`` or None for an exact run)."""
+        if not self.run.projected:
+            return self.engine.rows(texts), None
+        phi = self.engine.features(texts)
+        g = self.problem.group
+        return feature_kernel(phi, self.run.features[0], g), phi
+
+    def _problem(self, rows: np.ndarray, label: int | None,
+                 phi: np.ndarray | None = None) -> tuple[RegressionProblem | FeatureProblem, np.ndarray]:
+        """The regression with the new texts as test set (kernel ``rows``, or their features ``phi`` on a projected
+        run), each test label the class its game is about, and the surrogate's scores ``(m, C)`` for the texts
+        (from the factorisation made once)."""
         cfg = self.run.config
         m = rows.shape[0]
-        problem = RegressionProblem.from_kernels(self.run.kernel.train_train, rows, self.y_train, np.zeros(m, np.int64),
-                                                 n_classes=len(self.label_names), lam=cfg.shapley.lam,
-                                                 kernel_divisor=cfg.shapley.kernel_divisor)
-        scores = problem.reshape_predictions(problem.KT @ self.surrogate.alpha)
+        if self.run.projected:
+            if phi is None:
+                raise ValueError("phi: a projected run's regression needs the texts' features")
+            problem = FeatureProblem.from_features(self.run.features[0], phi, self.y_train, np.zeros(m, np.int64),
+                                                   n_classes=len(self.label_names), lam=cfg.shapley.lam,
+                                                   kernel_divisor=cfg.shapley.kernel_divisor,
+                                                   kind=self.run.kernel_info["kind"])
+            scores = problem.reshape_predictions(problem.test_features() @ self.surrogate.theta)
+        else:
+            problem = RegressionProblem.from_kernels(self.run.kernel.train_train, rows, self.y_train,
+                                                     np.zeros(m, np.int64), n_classes=len(self.label_names),
+                                                     lam=cfg.shapley.lam, kernel_divisor=cfg.shapley.kernel_divisor)
+            scores = problem.reshape_predictions(problem.KT @ self.surrogate.alpha)
         targets = target_labels(scores, label)
         targets.setflags(write=False)
         return dataclasses.replace(problem, y_test=targets), scores
@@ -405,7 +445,7 @@ class Explainer:
                                 resume=False, estimator="tmc", convergence="none", max_seconds=None)
         return ValuationSettings.of(shapley, EXPLAIN_UTILITIES[config.utility])
 
-    def _values(self, problem: RegressionProblem, settings: ValuationSettings) -> Estimate:
+    def _values(self, problem: RegressionProblem | FeatureProblem, settings: ValuationSettings) -> Estimate:
         if self.use_ray:
             from ..distributed.shapley_job import run_valuation
 
@@ -434,9 +474,9 @@ class Explainer:
         label = _resolve_label(config.label, self.label_names)
         self.prepare()
         t0 = time.perf_counter()
-        rows = self.engine.rows(texts)
+        rows, phi = self._test_side(texts)
         t1 = time.perf_counter()
-        problem, scores = self._problem(rows, label)
+        problem, scores = self._problem(rows, label, phi)
         settings = self._settings(config)
         m, n = len(texts), self.n
         util = EXPLAIN_UTILITIES[config.utility]

@@ -1,4 +1,5 @@
-"""Kernel rows of new texts on Ray: kernel actors compute gradient blocks and tiles, as in the kernel job.
+"""Kernel rows of new texts on Ray: kernel actors compute gradient blocks and tiles, as in the kernel job (or,
+for a projected run, the texts' projected features).
 
 :class:`RayKernelRows` keeps the signature of the in-process computation
 (:func:`freeshap_ray.kernel.rows.kernel_rows`) and gives the same rows: each block of new texts gets its
@@ -88,6 +89,12 @@ class RayKernelRows:
             ja = actor.jacobian.remote(list(texts[start:stop]))
             out.append([actor.tile.remote(ja, ref, cfg.chunk_params) for ref in self.train_refs])
         return np.concatenate([np.concatenate(ray.get(refs), axis=1) for refs in out], axis=0)
+
+    def features(self, texts: list[str]) -> np.ndarray:
+        """``(m·C', D)`` float32 projected features of ``texts`` (blocks spread over the actors)."""
+        refs = [self.actors[i % len(self.actors)].features.remote(list(texts[a:b]))
+                for i, (a, b) in enumerate(blocks(len(texts), self.kernel_cfg.block_size))]
+        return np.concatenate(ray.get(refs))
 
     def close(self) -> None:
         """Kill the actors started here (actors passed in are left running)."""

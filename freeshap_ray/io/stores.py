@@ -404,15 +404,12 @@ class KernelStore:
 def _kernel_of_features(layout: Layout, info: dict[str, Any]) -> Kernel:
     from .features import FeatureStore
 
+    from ..kernel.ntk import feature_kernel
+
     fs = FeatureStore.of(layout.root)
     c = int(info["n_classes"]) if info["kind"] == "full" else 1
     (a, _), (b, _) = fs.read_matrix("train"), fs.read_matrix("test")
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    k_tt, k_st = a64 @ a64.T, b64 @ a64.T
-    if c > 1:  # rows example-major (i·C + c): (n·C, n·C) → (n, n, C, C)
-        k_tt = k_tt.reshape(-1, c, k_tt.shape[1] // c, c).transpose(0, 2, 1, 3)
-        k_st = k_st.reshape(-1, c, k_st.shape[1] // c, c).transpose(0, 2, 1, 3)
-    return Kernel(np.ascontiguousarray(k_tt), np.ascontiguousarray(k_st), info["kind"], int(info["n_classes"]), info)
+    return Kernel(feature_kernel(a, a, c), feature_kernel(b, a, c), info["kind"], int(info["n_classes"]), info)
 
 
 def read_kernel(out_dir: str | Path) -> Kernel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["kernel_tile", "condition_number", "spectrum_summary"]
+__all__ = ["kernel_tile", "condition_number", "spectrum_summary", "feature_kernel"]
 
 
 def kernel_tile(ja: np.ndarray, jb: np.ndarray, *, chunk: int = 1 << 20) -> np.ndarray:
@@ -59,3 +59,12 @@ def spectrum_summary(k: np.ndarray, lam: float, kernel_divisor: float) -> dict[s
     reg = (max(top, 0.0) / kernel_divisor + lam) / (max(low, 0.0) / kernel_divisor + lam) if lam > 0 else None
     return {"condition_number": top / low if low > cut else None, "numerical_rank": int(np.count_nonzero(eig > cut)),
             "condition_number_regularized": reg}
+
+
+def feature_kernel(a: np.ndarray, b: np.ndarray, c: int) -> np.ndarray:
+    """float64 ``⟨φ(x), φ(x')⟩`` of feature rows ``a (p·c, D)`` against ``b (q·c, D)`` (rows example-major,
+    ``i·c + class``): ``(p, q)`` for ``c == 1``, ``(p, q, c, c)`` otherwise (the kernel tiles' layout)."""
+    k = np.asarray(a, dtype=np.float64) @ np.asarray(b, dtype=np.float64).T
+    if c == 1:
+        return k
+    return np.ascontiguousarray(k.reshape(-1, c, k.shape[1] // c, c).transpose(0, 2, 1, 3))

@@ -24,7 +24,8 @@ import math
 import numpy as np
 
 from ..utility.metrics import BuiltinUtility, _check, _logsumexp_last
-from ..utility.problem import RegressionProblem
+from ..utility.features import FeatureProblem
+from ..utility.solver import Problem
 from .estimators import Context, Estimator
 from .aggregate import Estimate, aggregate
 from .samplers import sampler_permutation
@@ -91,15 +92,18 @@ def target_labels(scores: np.ndarray, label: int | None) -> np.ndarray:
     return np.full(s.shape[0], int(label), dtype=np.int64)
 
 
-def one_point_problem(problem: RegressionProblem, i: int) -> RegressionProblem:
-    """The same regression with test point ``i`` alone as its test set (m = 1; no copy of the kernels)."""
+def one_point_problem(problem: Problem, i: int) -> Problem:
+    """The same regression with test point ``i`` alone as its test set (m = 1; no copy of the kernels or of the
+    training features)."""
     if not 0 <= i < problem.m:
         raise ValueError(f"i: must be a test index in [0, {problem.m - 1}], got {i}")
-    g = problem.group
-    return dataclasses.replace(problem, KT=problem.KT[i * g:(i + 1) * g], y_test=problem.y_test[i:i + 1])
+    rows = slice(i * problem.group, (i + 1) * problem.group)
+    if isinstance(problem, FeatureProblem):
+        return dataclasses.replace(problem, phi_test=problem.phi_test[rows], y_test=problem.y_test[i:i + 1])
+    return dataclasses.replace(problem, KT=problem.KT[rows], y_test=problem.y_test[i:i + 1])
 
 
-def one_point_values(problem: RegressionProblem, settings: ValuationSettings) -> Estimate:
+def one_point_values(problem: Problem, settings: ValuationSettings) -> Estimate:
     """Values of the game of ``problem`` (m = 1) from ``settings.config.n_permutations`` permutations, in this
     process: the same permutations, truncation rule and aggregation as the Ray engine
     (:func:`freeshap_ray.distributed.shapley_job.run_valuation` with a :class:`MemorySink`), so the same
