@@ -1,9 +1,10 @@
 """End to end at scale: `run` then `clean` on the 20,000-text config, timed, with the peak memory of the whole job.
 
 Runs ``freeshap-ray run CONFIG`` and ``freeshap-ray clean CONFIG`` as they would be run by hand (each its own
-process with its embedded Ray), sampling every second the resident memory summed over the job's whole process
-tree (driver, GCS, raylet, Ray workers and actors). Prints per-stage seconds (from the manifests), the peak
-RSS, and the ratios of issue "kernel-free scale-out":
+process with its embedded Ray), sampling every second the memory of the job's whole process tree (driver, GCS,
+raylet, Ray workers and actors): the RSS sum (an upper bound: a page of Ray's shared object store counts once per
+process that maps it) and the PSS sum (shared pages split between their processes: the tree's own memory).
+Prints per-stage seconds (from the manifests), both peaks, and the ratios of issue "kernel-free scale-out":
 
 * features ÷ the batched forward+backward FLOP floor: CPU seconds of the feature shards against
   ``(2·P_model·T + 4·P_suffix·T) / R32`` (T tokens of all texts, P_model the non-embedding parameters, P_suffix
@@ -36,39 +37,49 @@ from pathlib import Path
 import numpy as np
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS summed over the process tree, PSS summed over it) in bytes. The RSS sum counts a shared page (Ray's
+    object store, mapped by every worker that reads an object) once per process: an upper bound; PSS splits
+    each shared page between the processes that map it, so its sum is the tree's own memory."""
     import psutil
 
     try:
         p = psutil.Process(pid)
         procs = [p, *p.children(recursive=True)]
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, 0
+    rss = pss = 0
     for q in procs:
         try:
-            total += q.memory_info().rss
+            full = q.memory_full_info()
+            rss += full.rss
+            pss += getattr(full, "pss", full.rss)
         except psutil.Error:
             pass
-    return total
+    return rss, pss
 
 
-def timed(cmd: list[str]) -> tuple[float, int, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS of its process tree in bytes, exit code)."""
+def timed(cmd: list[str]) -> tuple[float, tuple[int, int], int]:
+    """Run ``cmd``; return (wall seconds, (peak RSS sum, peak PSS sum) of its process tree in bytes, exit code)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=sys.stdout, stderr=sys.stderr)
-    peak = [0]
+    peak = [0, 0]
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            rss, pss = _tree_memory(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(1.0)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     rc = proc.wait()
     th.join()
-    return time.perf_counter() - t0, peak[0], rc
+    return time.perf_counter() - t0, (peak[0], peak[1]), rc
+
+
+def _mem(peak: tuple[int, int]) -> str:
+    return f"peak RSS {peak[0] / 2**30:.2f} GiB (PSS {peak[1] / 2**30:.2f} GiB)"
 
 
 def _rate(dtype) -> float:
@@ -166,8 +177,8 @@ def main() -> None:
         assert rc == 0, "run failed"
         w_clean, rss_clean, rc = timed(cli + ["clean", args.config, *fresh])
         assert rc == 0, "clean failed"
-        print(f"\nrun {w_run:.1f} s (peak RSS {rss_run / 2**30:.2f} GiB), clean {w_clean:.1f} s (peak RSS "
-              f"{rss_clean / 2**30:.2f} GiB): total {(w_run + w_clean) / 60:.1f} min")
+        print(f"\nrun {w_run:.1f} s ({_mem(rss_run)}), clean {w_clean:.1f} s ({_mem(rss_clean)}): total "
+              f"{(w_run + w_clean) / 60:.1f} min")
         print("stage seconds:", json.dumps(stage_seconds(out)))
     floor, cpu = feature_floor(out)
     print(f"features: {cpu:.1f} CPU s over the shards; forward+backward FLOP floor {floor:.1f} s (1 thread) -> "
@@ -192,7 +203,7 @@ def main() -> None:
                                           "--no-progress", "--overwrite"])
                 assert rc == 0, f"{name} run of {conf} failed"
                 walls[name] = w
-                print(f"{conf}, n = {args.compare_n}, {name}: run {w:.1f} s, peak RSS {rss / 2**30:.2f} GiB, stages "
+                print(f"{conf}, n = {args.compare_n}, {name}: run {w:.1f} s, {_mem(rss)}, stages "
                       f"{json.dumps(stage_seconds(Path(f'{out}_cmp_{Path(conf).stem}_{name}_{args.compare_n}')))}")
             print(f"{conf}, n = {args.compare_n}: the projected run is {walls['exact'] / walls['projected']:.2f}x "
                   "faster than the exact one")
