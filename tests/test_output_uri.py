@@ -160,3 +160,24 @@ def test_s3_without_credentials_fails_on_output_first(tmp_path, monkeypatch, cap
     assert "credentials" in err and "missing.csv" not in err
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
+
+
+def test_projected_run_at_a_uri_is_read_from_its_features(ray_local, tmp_path):
+    """A projected run's features are written straight to the output URI (never staged): reading the finished
+    run by its URI (explain's reader, and the kernel of the features) finds them there."""
+    from freeshap_ray import read_kernel
+    from freeshap_ray.io.run import read_finished_run
+
+    csv = write_csv(tmp_path / "train.csv")
+    dest = tmp_path / "bucket" / "projected"
+    uri = dest.as_uri()
+    assert main(["run", *job_args(csv, uri, "kernel.projection_dim=64")]) == 0
+    remote.close_all()
+    assert any(f.startswith("features/train-") for f in _files(dest))
+    run = read_finished_run(uri)
+    assert run.projected and run.kernel is None
+    assert run.features[0].shape[0] == run.train.num_rows and run.features[1].shape[0] == run.test.num_rows
+    phi = run.features[0].astype(np.float64)
+    norms = np.linalg.norm(phi, axis=1)  # two float64 dot products of length D: each within D·eps·‖φ‖‖φ'‖
+    bound = 2 * phi.shape[1] * np.finfo(np.float64).eps * np.outer(norms, norms)
+    assert np.all(np.abs(read_kernel(uri).train_train - phi @ phi.T) <= bound)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from .feature_plan import FEATURES_META_KEY, FEATURES_SCHEMA_VERSION, FeaturePlan, ShardSpec, features_schema
-from .remote import filesystem_from_uri, has_atomic_rename, is_uri
+from .remote import filesystem_from_uri, has_atomic_rename, is_uri, uri_of
 
 __all__ = ["FeatureStore", "MANIFEST_NAME", "PLAN_NAME"]
 
@@ -55,7 +55,10 @@ class FeatureStore:
 
     @classmethod
     def of(cls, output: str | Path) -> FeatureStore:
-        """The store under a run's ``output`` (directory or URI): ``output/features``."""
+        """The store under a run's ``output`` (directory or URI): ``output/features``. A run's local staging
+        directory (``Layout.of(uri).root``) names its URI: features are never staged (:data:`remote.DIRECT`)."""
+        if not is_uri(output):
+            output = uri_of(output) or output
         if is_uri(output):
             return cls(str(output).rstrip("/") + "/" + FEATURES_DIR)
         return cls(Path(output) / FEATURES_DIR)

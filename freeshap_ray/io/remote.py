@@ -55,6 +55,7 @@ __all__ = [
     "open_outputs",
     "removed",
     "staging_root",
+    "uri_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -431,13 +432,18 @@ def removed(path: str | Path) -> None:
         out.remove(path)
 
 
-def display(path: str | Path) -> str:
-    """``path`` for messages: a staging path is shown as its URI."""
+def uri_of(path: str | Path) -> str | None:
+    """The output URI location of ``path`` inside a staging directory, or None for any other path."""
     out = _owner(path)
     if out is None:
-        return str(path)
+        return None
     rel = out.rel(path)
     return f"{out.uri}/{rel}" if rel else out.uri
+
+
+def display(path: str | Path) -> str:
+    """``path`` for messages: a staging path is shown as its URI."""
+    return uri_of(path) or str(path)
 
 
 def close_all(sync: bool = True) -> None:
