@@ -275,14 +275,15 @@ def _reduce_tiles(job: KernelInputs, store: KernelStore, sched: _Schedule, *, pr
     # the n²/block² tiles of a large n (~20,000 at n = 6,000) would otherwise all wait in Ray's queues at once.
     work = ((t, s) for t in todo for s in range(n_shards))
     pending: dict[ray.ObjectRef, Tile] = {}
+    in_flight = MAX_TILES_IN_FLIGHT_PER_ACTOR * len(actors)
 
-    def submit(limit: int) -> None:
-        for t, s in itertools.islice(work, max(0, limit - len(pending))):
+    def submit() -> None:
+        """Top ``pending`` up to ``in_flight`` tasks from the work not yet submitted."""
+        for t, s in itertools.islice(work, max(0, in_flight - len(pending))):
             rk, ck = (s, *row_key(t)), (s, "train", t.col)
             pending[actors[owner[rk]].tile.remote(jac[rk], jac[ck], cfg.chunk_params)] = t
 
-    in_flight = MAX_TILES_IN_FLIGHT_PER_ACTOR * len(actors)
-    submit(in_flight)
+    submit()
     partial: dict[Tile, tuple[np.ndarray, int]] = {}
     jac_waiting = {ref: key for key, ref in jac.items()}
     jac_bar = tqdm(total=len(jac_waiting), desc="jacobian blocks", unit="block", disable=not progress)
@@ -295,7 +296,7 @@ def _reduce_tiles(job: KernelInputs, store: KernelStore, sched: _Schedule, *, pr
             jac_bar.update(1)
             continue
         t = pending.pop(done[0])
-        submit(in_flight)
+        submit()
         acc, count = partial.get(t, (None, 0))
         try:
             part = ray.get(done[0])
