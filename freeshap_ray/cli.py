@@ -238,6 +238,10 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"sign agreement between halves {info['sign_agreement_halves']:.3f}; split-half Spearman "
               f"{info.get('stability_spearman', float('nan')):.3f} ({info.get('estimator', 'tmc')}, seed "
               f"{cfg.shapley.seed}{'; other seeds stored: ' + ', '.join(info['seed_spearman']) if info.get('seed_spearman') else ''})")
+        if (auto := info.get("solver_auto")) is not None:
+            print(f"shapley: solver auto -> {auto['solver']} (samples add ~{auto['expected_prefix_len']:,} points: "
+                  f"{auto['expected_prefix_from']}; est. cost dual {auto['dual_time']:.3g} vs primal "
+                  f"{auto['primal_time']:.3g} flops)")
         print(pipeline.summary(layout.values))
 
     if args.command == "run":

@@ -11,7 +11,7 @@ import time
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -37,7 +37,6 @@ from .io.remote import display
 from .kernel import spectrum_summary
 from .models import load_classifier, resolve_model_path, select_params
 from .utility import FeatureProblem, RegressionProblem
-from .utility.solver import choose_solver
 
 if TYPE_CHECKING:
     from .distributed.kernel_job import KernelInputs
@@ -206,6 +205,7 @@ class ProblemSource:
         self.cfg = cfg
         self.info = KernelStore(layout).manifest()
         self.features = self.info.get("representation") == "features"
+        self.auto_info: dict[str, Any] | None = None  # what shapley.solver: auto chose on features, and why
         if cfg.shapley.solver == "primal" and not self.features:
             raise ConfigError("shapley.solver: 'primal' works on projected features; set kernel.projection_dim > 0 "
                               "(or use solver: dual / auto)")
@@ -229,23 +229,39 @@ class ProblemSource:
             return self._kernel.problem(y_train, y_test, lam=sc.lam, kernel_divisor=sc.kernel_divisor)
         prob = FeatureProblem.from_features(*self._phi, y_train, y_test, n_classes=self.n_classes, lam=sc.lam,
                                             kernel_divisor=sc.kernel_divisor, kind=self.info["kind"])
-        g = prob.group
-        solver = sc.solver if sc.solver != "auto" else choose_solver(prob.n, prob.m, self._phi[0].shape[1], g)
+        solver = sc.solver
+        if solver == "auto":  # decided once per source: later problems (e.g. clean's noisy labels) reuse it
+            if self.auto_info is None:
+                from .valuation.pilot import auto_solver
+                from .valuation.settings import ValuationSettings
+
+                self.auto_info = auto_solver(prob, ValuationSettings.of(sc))[1]
+            solver = self.auto_info["solver"]
         return prob.to_dual() if solver == "dual" else prob
 
     def solver(self, problem) -> str:
         return "primal" if isinstance(problem, FeatureProblem) else "dual"
 
 
-def load_problem(layout: Layout, cfg: JobConfig) -> tuple[RegressionProblem | FeatureProblem, Any]:
-    """Regression problem from a finished kernel stage; also returns the train examples table."""
+class ShapleyInputs(NamedTuple):
+    """What the Shapley stage reads: the regression problem, the train examples table and, under
+    ``shapley.solver: auto`` on features, what was chosen and why (:func:`~freeshap_ray.valuation.pilot.auto_solver`)."""
+
+    problem: RegressionProblem | FeatureProblem
+    train: Any
+    solver_auto: dict[str, Any] | None = None
+
+
+def load_problem(layout: Layout, cfg: JobConfig) -> ShapleyInputs:
+    """Regression problem from a finished kernel stage, with the train examples table."""
     train = read_examples(layout, "train")
     test = read_examples(layout, "test")
-    problem = ProblemSource(layout, cfg).problem(train.column("label").to_numpy(), test.column("label").to_numpy())
-    return problem, train
+    source = ProblemSource(layout, cfg)
+    problem = source.problem(train.column("label").to_numpy(), test.column("label").to_numpy())
+    return ShapleyInputs(problem, train, source.auto_info)
 
 
-def prepare_shapley_stage(cfg: JobConfig, *, overwrite: bool = False) -> tuple[RegressionProblem, Any]:
+def prepare_shapley_stage(cfg: JobConfig, *, overwrite: bool = False) -> ShapleyInputs:
     """Check the output and load + validate the stored kernel and examples (no Ray, nothing written).
 
     Raises:
@@ -260,7 +276,7 @@ def prepare_shapley_stage(cfg: JobConfig, *, overwrite: bool = False) -> tuple[R
 
 
 def run_shapley_stage(cfg: JobConfig, *, overwrite: bool = False, progress: bool = True,
-                      on_batch=None, inputs: tuple[RegressionProblem, Any] | None = None) -> dict[str, Any]:
+                      on_batch=None, inputs: ShapleyInputs | None = None) -> dict[str, Any]:
     """Shapley values from the kernel under ``cfg.output``; streams marginals, writes ``values.parquet``.
 
     Every finished batch of permutations is written to ``OUT/shapley/marginals`` at once, so a killed
@@ -277,10 +293,12 @@ def run_shapley_stage(cfg: JobConfig, *, overwrite: bool = False, progress: bool
     from .valuation.settings import ValuationSettings
 
     layout = Layout.of(cfg.output)
-    problem, train = inputs if inputs is not None else prepare_shapley_stage(cfg, overwrite=overwrite)
+    problem, train, auto = inputs if inputs is not None else prepare_shapley_stage(cfg, overwrite=overwrite)
     store = MarginalsStore(layout.shapley_dir, discard_mismatched=overwrite)
     run = run_valuation(problem, ValuationSettings.of(cfg.shapley), store, progress=progress, on_batch=on_batch)
     info = {**run.info, "solver": "primal" if isinstance(problem, FeatureProblem) else "dual"}
+    if auto is not None:
+        info["solver_auto"] = auto
     per_test = (run.per_test.values, run.per_test.stderr) if run.per_test is not None else None
     write_values(layout, train, run.values.values, run.values.stderr, run.values.counts, per_test=per_test,
                  info=info, sign_agreement=run.sign.per_point)

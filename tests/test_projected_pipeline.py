@@ -62,3 +62,23 @@ def test_clean_on_projected_features(projected_run, capsys):
     assert set(summary["noise"]["methods"]) >= {"freeshap", "loo", "influence"}
     assert pq.read_table(out / "suspects.parquet").num_rows == 6  # 9 texts, 30 % test
     assert "rank_by" in summary
+
+
+def test_auto_solver_records_its_choice_and_gives_the_primal_values(projected_run, tmp_path, capsys):
+    """``shapley.solver: auto`` on features: pilot walks, a choice recorded with its reasons, the same values."""
+    import shutil
+
+    csv, _, out = projected_run
+    auto = tmp_path / "auto"
+    shutil.copytree(out, auto)
+    capsys.readouterr()
+    assert main(["shapley", *job_args(csv, auto, *PROJ, "shapley.solver=auto", "shapley.resume=false"),
+                 "--overwrite"]) == 0
+    stage = json.loads((auto / "manifest.json").read_text())["stages"]["shapley"]
+    choice = stage["solver_auto"]
+    assert stage["solver"] == choice["solver"] == "dual"  # 6 points: the n×n dual is far cheaper
+    assert choice["expected_prefix_len"] == 6 and choice["dual_time"] < choice["primal_time"]
+    assert "solver auto -> dual" in capsys.readouterr().out
+    a = pq.read_table(out / "values.parquet").column("value").to_numpy()
+    b = pq.read_table(auto / "values.parquet").column("value").to_numpy()
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * max(1.0, np.abs(b).max()))

@@ -30,6 +30,7 @@ from ..values import ValuesResult
 from .banzhaf import BanzhafStats, MSRSample, msr_sample
 from .control_variate import CVStats, control_mean, sample_controls
 from .samplers import sampler_permutation, samples_from_marginals
+from .pilot import truncation_point
 from .settings import ValuationSettings
 from .stratified import StrataPlan, StrataStats, StratifiedSample, allocate, geometric_edges, stratified_sample, \
     stratum_costs, uniform_plan
@@ -187,7 +188,7 @@ class StratifiedEstimator(Estimator):
             plans = tuple((int(a), StrataPlan.from_description(d)) for a, d in run["plans"])
             return Context(v_full, plans, tail_from)
         if self._tail != "sample":
-            tail_from = self._truncation_point(problem, v_full)
+            tail_from = truncation_point(problem, self.settings, v_full)
         edges = geometric_edges(n, truncation=tail_from)
         pilot = uniform_plan(n, edges, per_cycle=1, tail_from=tail_from if self._tail == "zero" else None)
         return Context(v_full, ((0, pilot),), tail_from)
@@ -195,14 +196,6 @@ class StratifiedEstimator(Estimator):
     @property
     def _tail(self) -> str:
         return self.settings.config.stratified_tail
-
-    def _truncation_point(self, problem: RegressionProblem, v_full: float) -> int:
-        """Median truncation point of 4 TMC permutations (seed-determined): where the utility saturates."""
-        c = self.settings.config
-        pts = [run_permutation(problem, sampler_permutation(problem.n, c.seed, 10**9 + k), self.settings.utility,
-                               truncation_tol=max(c.truncation_tol, 1e-12), truncation_patience=c.truncation_patience,
-                               v_full=v_full).truncated_at for k in range(4)]
-        return int(min(max(np.median(pts), 1), problem.n))
 
     def pilot_size(self, ctx: Context) -> int:
         """Sample ids of the pilot (one uniform cycle per pilot round)."""
