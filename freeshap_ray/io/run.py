@@ -15,7 +15,7 @@ from ..config import JobConfig, config_from_dict
 from ..errors import FreeShapError, OutputError
 from .layout import Layout
 from .manifest import RunManifest
-from .stores import Kernel, KernelStore, read_examples
+from .stores import Kernel, KernelStore, read_examples, rows_per_example
 
 __all__ = ["FinishedRun", "read_finished_run"]
 
@@ -71,7 +71,7 @@ def read_finished_run(out_dir: str | Path) -> FinishedRun:
 
         fs = FeatureStore.of(layout.root)
         features = (fs.read_matrix("train")[0], fs.read_matrix("test")[0])
-        g = int(info["n_classes"]) if info["kind"] == "full" else 1
+        g = rows_per_example(info)
         have, where = (features[0].shape[0] // g, features[1].shape[0] // g), fs.root
     else:
         kernel = store.assemble(info)

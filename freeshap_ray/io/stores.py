@@ -401,13 +401,18 @@ class KernelStore:
         return info
 
 
+def rows_per_example(info: dict[str, Any]) -> int:
+    """Feature rows (and kernel rows) per example of a kernel manifest: ``C`` for the full kernel, else 1."""
+    return int(info["n_classes"]) if info["kind"] == "full" else 1
+
+
 def _kernel_of_features(layout: Layout, info: dict[str, Any]) -> Kernel:
     from .features import FeatureStore
 
     from ..kernel.ntk import feature_kernel
 
     fs = FeatureStore.of(layout.root)
-    c = int(info["n_classes"]) if info["kind"] == "full" else 1
+    c = rows_per_example(info)
     (a, _), (b, _) = fs.read_matrix("train"), fs.read_matrix("test")
     return Kernel(feature_kernel(a, a, c), feature_kernel(b, a, c), info["kind"], int(info["n_classes"]), info)
 

@@ -279,11 +279,15 @@ class RegressionProblem:
         if pts.size == 0:
             return np.zeros((self.m, self.n_classes))
         rows = self.rows(pts)
-        A = self.K[np.ix_(rows, rows)] + self.lam * np.eye(rows.size)
+        if subset is None:  # no gather (a copy of K either way, for the ridge)
+            A = np.array(self.K, dtype=np.float64)
+            A[np.diag_indices(rows.size)] += self.lam
+        else:
+            A = self.K[np.ix_(rows, rows)] + self.lam * np.eye(rows.size)
         try:
             factor = scipy.linalg.cho_factor(A, lower=True, check_finite=False)
         except np.linalg.LinAlgError as err:
             raise KernelError(f"kernel is not positive semi-definite: K[S, S] + lam I is not positive "
                               f"definite for a subset of {pts.size} points (lam={self.lam:g})") from err
         coef = scipy.linalg.cho_solve(factor, self.T[rows], check_finite=False)
-        return self.reshape_predictions(self.KT[:, rows] @ coef)
+        return self.reshape_predictions((self.KT if subset is None else self.KT[:, rows]) @ coef)
