@@ -35,9 +35,6 @@ __all__ = [
 #: uses its own (:attr:`PrimalRegressor.block_size`) unless one is given.
 DEFAULT_BLOCK_SIZE = 64
 
-#: First block of a walk with the default block size (then doubling up to the solver's block).
-FIRST_BLOCK = 16
-
 
 @dataclass
 class PermutationResult:
@@ -150,9 +147,8 @@ def run_permutation(
         v_full: mean utility of the full set (an ``(m,)`` array is averaged); computed by a direct
             solve if None. Pass it when running many permutations.
         per_test_point: return ``(n, m)`` per-test marginals instead of ``(n,)``.
-        block_size: points added per level-3 update (does not change the result); None: blocks of
-            :data:`FIRST_BLOCK` points doubling up to the solver's own (64 for the dual, 128 for the primal), so a
-            walk that truncates early computes few prefixes past its end.
+        block_size: points added per level-3 update (does not change the result); None: the solver's
+            own (64 for the dual, 128 for the primal).
 
     Returns:
         A :class:`PermutationResult`; marginals are indexed by original point index.
@@ -174,12 +170,10 @@ def run_permutation(
     marginals = np.zeros((problem.n, problem.m) if per_test_point else problem.n)
     rule = _Truncation(truncation_tol, truncation_patience, v_full)
     reg = make_regressor(problem)  # dual for kernels, primal for features
-    size = min(FIRST_BLOCK, reg.block_size) if block_size is None else block_size
+    block_size = reg.block_size if block_size is None else block_size
     added = 0
     while added < problem.n:
-        chunk = perm[added:added + size]
-        if block_size is None:  # doubling up to the solver's own block: little work past an early truncation
-            size = min(2 * size, reg.block_size)
+        chunk = perm[added:added + block_size]
         vals = util.batch(reg.extend(chunk), y, per_test=per_test_point)  # (b,) or (b, m)
         means = vals.mean(axis=1) if per_test_point else vals
         for j, point in enumerate(chunk):
