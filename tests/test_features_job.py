@@ -194,16 +194,19 @@ def test_lost_pass_reruns_the_missing_shards(ref, model, tmp_path, monkeypatch):
     real, passes = features_job._statuses, []
 
     def flaky(job, store, plan, todo, texts, labels):
+        # the first pass runs only its first shard, then fails (running all of them, the actors could write every
+        # shard before the driver sees the first status: nothing would be missing)
         passes.append(len(todo))
-        for status in real(job, store, plan, todo, texts, labels):
+        first = len(passes) == 1
+        for status in real(job, store, plan, todo[:1] if first else todo, texts, labels):
             yield status
-            if len(passes) == 1:
+            if first:
                 raise ray.exceptions.RayActorError()
 
     monkeypatch.setattr(features_job, "_statuses", flaky)
     store = FeatureStore(tmp_path / "a")
     stats = compute_features(job_of(model, max_restarts=1), store, labels=LABELS, progress=False)
-    assert passes[0] == N_SHARDS and 1 <= passes[1] <= N_SHARDS - 1 and len(passes) == 2
+    assert passes == [N_SHARDS, N_SHARDS - 1]
     assert (stats["reruns"], stats["shards_computed"]) == (1, N_SHARDS)
     np.testing.assert_array_equal(store.read_matrix("train")[0], ref["first_logit"][0].read_matrix("train")[0])
     passes.clear()
